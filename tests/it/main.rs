@@ -1,0 +1,7 @@
+//! The one integration-test binary. Each module drives one surface of the service.
+
+mod support;
+
+// Self-tests of the test harness: the fakes and the real registry behave as the reference says.
+mod selftest_hub;
+mod selftest_registry;
