@@ -1,0 +1,135 @@
+//! Every error answer of the API, mapped to a status and a plain-text body in one place.
+//!
+//! Messages name what went wrong and, for upstream failures, the upstream status and URL —
+//! never a credential or token (URLs are shown without their query, see `display_url`).
+
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::upstream::UpstreamError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request itself is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404/429/502/504/...: the registry could not give an answer and nothing was cached.
+    #[error("{0}")]
+    Upstream(Arc<UpstreamError>),
+    /// 404 for paths the API does not have.
+    #[error("not found: see GET /tags?image=<name>&registry=<docker|ghcr|host>")]
+    NoRoute,
+    /// 405.
+    #[error("method not allowed")]
+    Method,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Upstream(e) => match e.as_ref() {
+                UpstreamError::NotFound { .. } => StatusCode::NOT_FOUND,
+                UpstreamError::Denied { .. } => StatusCode::FORBIDDEN,
+                UpstreamError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamError::Status { .. }
+                | UpstreamError::Network { .. }
+                | UpstreamError::Malformed { .. }
+                | UpstreamError::Refused { .. } => StatusCode::BAD_GATEWAY,
+            },
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ApiError::Upstream(e) => match e.as_ref() {
+                UpstreamError::NotFound { .. } => format!("repository not found upstream: {e}"),
+                UpstreamError::Denied { .. } => format!(
+                    "the registry refused access (private repository, or no or wrong credentials \
+                     configured): {e}"
+                ),
+                UpstreamError::RateLimited { .. } => {
+                    format!("the registry is rate-limiting us and nothing is cached: {e}")
+                }
+                _ => format!("upstream error: {e}"),
+            },
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), format!("{}\n", self.message())).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let ApiError::Upstream(e) = &self
+            && let UpstreamError::RateLimited { retry_after, .. } = e.as_ref()
+        {
+            let secs = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(60);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn up(e: UpstreamError) -> ApiError {
+        ApiError::Upstream(Arc::new(e))
+    }
+
+    #[test]
+    fn statuses() {
+        let url = "https://r.example/v2/a/tags/list".to_string();
+        assert_eq!(
+            up(UpstreamError::NotFound {
+                status: 404,
+                url: url.clone()
+            })
+            .status(),
+            404
+        );
+        assert_eq!(
+            up(UpstreamError::Timeout {
+                url: url.clone(),
+                timeout: Duration::from_secs(1)
+            })
+            .status(),
+            504
+        );
+        assert_eq!(
+            up(UpstreamError::Status {
+                status: 503,
+                url: url.clone()
+            })
+            .status(),
+            502
+        );
+        let limited = up(UpstreamError::RateLimited {
+            status: 429,
+            url,
+            retry_after: Some(Duration::from_secs(42)),
+        })
+        .into_response();
+        assert_eq!(limited.status(), 429);
+        assert_eq!(limited.headers()[header::RETRY_AFTER], "42");
+        assert!(
+            limited.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain")
+        );
+    }
+}

@@ -1,0 +1,55 @@
+//! The HTTP API: every route in one function, and the state the handlers share.
+
+mod error;
+mod health;
+mod tags;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::refresh::Refresher;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub refresher: Refresher,
+    pub metrics: Metrics,
+    pub registry: Arc<prometheus_client::registry::Registry>,
+}
+
+/// The whole API. A request that takes longer than this is cut off, so a hung upstream
+/// cannot hold a connection (or shutdown) forever.
+pub fn router(state: AppState) -> Router {
+    let request_timeout = state.settings.upstream_timeout * 3 + Duration::from_secs(5);
+    Router::new()
+        .route("/tags", get(tags::get_tags))
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::Method })
+        .layer(TraceLayer::new_for_http())
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+impl From<ApiError> for axum::response::Response {
+    fn from(e: ApiError) -> Self {
+        e.into_response()
+    }
+}

@@ -1,0 +1,215 @@
+//! The cache tiers: a `moka` memory tier in front of the embedded `redb` disk tier.
+//!
+//! Reads look in memory, then on disk (promoting what they find); writes go to disk first, then
+//! memory. Values on disk carry a format version: an entry of another version is a miss, never
+//! a crash. The memory tier keeps each tag list together with its serialized JSON body, so a hit
+//! is sent without re-serializing anything.
+
+pub mod disk;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::model::TagList;
+use crate::upstream::UpstreamError;
+use crate::upstream::manifest::DigestInfo;
+use disk::{DiskStore, Table};
+
+/// The on-disk format version of every value. Bump it when a stored type changes shape.
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Stored<T> {
+    v: u32,
+    value: T,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(&Stored {
+        v: FORMAT_VERSION,
+        value,
+    })
+    .expect("cache values serialize")
+}
+
+/// Decodes a stored value; another version or a damaged value is treated as absent.
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Option<T> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: u32,
+    }
+    match serde_json::from_slice::<Version>(bytes) {
+        Ok(Version { v: FORMAT_VERSION }) => {}
+        Ok(Version { v }) => {
+            tracing::info!(
+                key,
+                version = v,
+                "ignoring a cache entry of another format version"
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(key, error = %e, "ignoring an unreadable cache entry");
+            return None;
+        }
+    }
+    match serde_json::from_slice::<Stored<T>>(bytes) {
+        Ok(s) => Some(s.value),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "ignoring an unreadable cache entry");
+            None
+        }
+    }
+}
+
+/// A cached answer: the tag list and its JSON body, ready to send.
+#[derive(Debug)]
+pub struct CachedTags {
+    pub list: TagList,
+    pub body: Bytes,
+}
+
+impl CachedTags {
+    pub fn new(list: TagList) -> CachedTags {
+        let body = serde_json::to_vec(&list.tags).expect("tags serialize");
+        CachedTags {
+            list,
+            body: Bytes::from(body),
+        }
+    }
+}
+
+/// Tag lists by image.
+#[derive(Clone)]
+pub struct TagCache {
+    memory: moka::future::Cache<String, Arc<CachedTags>>,
+    disk: DiskStore,
+}
+
+impl TagCache {
+    pub fn new(disk: DiskStore, memory_entries: u64) -> TagCache {
+        TagCache {
+            memory: moka::future::Cache::new(memory_entries),
+            disk,
+        }
+    }
+
+    /// The cached answer for `key`, from memory or disk. A disk failure is a miss (logged).
+    pub async fn get(&self, key: &str) -> Option<Arc<CachedTags>> {
+        if let Some(hit) = self.memory.get(key).await {
+            return Some(hit);
+        }
+        let bytes = match self.disk.get(Table::Tags, key).await {
+            Ok(b) => b?,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "disk cache read failed");
+                return None;
+            }
+        };
+        let entry = Arc::new(CachedTags::new(decode::<TagList>(key, &bytes)?));
+        self.memory.insert(key.to_owned(), entry.clone()).await;
+        Some(entry)
+    }
+
+    /// Stores a fresh answer in both tiers. A disk failure is logged; memory still serves it.
+    pub async fn put(&self, key: &str, list: TagList) -> Arc<CachedTags> {
+        if let Err(e) = self.disk.put(Table::Tags, key, encode(&list)).await {
+            tracing::error!(key, error = %e, "disk cache write failed");
+        }
+        let entry = Arc::new(CachedTags::new(list));
+        self.memory.insert(key.to_owned(), entry.clone()).await;
+        entry
+    }
+
+    pub fn memory_entries(&self) -> u64 {
+        self.memory.entry_count()
+    }
+
+    pub fn disk(&self) -> &DiskStore {
+        &self.disk
+    }
+}
+
+/// What digests describe; kept forever, since a digest's content never changes.
+#[derive(Clone)]
+pub struct DigestCache {
+    memory: moka::future::Cache<String, Arc<DigestInfo>>,
+    disk: DiskStore,
+}
+
+impl DigestCache {
+    pub fn new(disk: DiskStore, memory_entries: u64) -> DigestCache {
+        DigestCache {
+            memory: moka::future::Cache::new(memory_entries),
+            disk,
+        }
+    }
+
+    /// The info for `digest` from memory, disk, or — once, however many ask at the same time
+    /// (moka coalesces concurrent initialisations of a key) — from `fetch`.
+    pub async fn get_or_fetch(
+        &self,
+        digest: &str,
+        fetch: impl Future<Output = Result<DigestInfo, UpstreamError>>,
+    ) -> Result<Arc<DigestInfo>, UpstreamError> {
+        let init = async {
+            if let Ok(Some(bytes)) = self.disk.get(Table::Digests, digest).await
+                && let Some(info) = decode::<DigestInfo>(digest, &bytes)
+            {
+                return Ok(Arc::new(info));
+            }
+            let info = fetch.await?;
+            if let Err(e) = self.disk.put(Table::Digests, digest, encode(&info)).await {
+                tracing::error!(digest, error = %e, "disk cache write failed");
+            }
+            Ok(Arc::new(info))
+        };
+        self.memory
+            .try_get_with(digest.to_owned(), init)
+            .await
+            .map_err(|e: Arc<UpstreamError>| (*e).clone())
+    }
+
+    pub fn memory_entries(&self) -> u64 {
+        self.memory.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_versions_and_damage_are_misses() {
+        let list = TagList::new(vec![], false, 10);
+        let good = encode(&list);
+        assert_eq!(decode::<TagList>("k", &good), Some(list));
+        assert_eq!(decode::<TagList>("k", br#"{"v":2,"value":{"x":1}}"#), None);
+        assert_eq!(decode::<TagList>("k", br#"{"v":1,"value":{"x":1}}"#), None);
+        assert_eq!(decode::<TagList>("k", b"\x00garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn digest_fetch_runs_once_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskStore::open(dir.path()).unwrap();
+        let cache = DigestCache::new(disk.clone(), 100);
+        let info = DigestInfo {
+            platforms: vec![],
+            created: None,
+        };
+        let got = cache
+            .get_or_fetch("sha256:aa", async { Ok(info.clone()) })
+            .await
+            .unwrap();
+        assert_eq!(*got, info);
+        let again = DigestCache::new(disk, 100)
+            .get_or_fetch("sha256:aa", async { panic!("must come from disk") })
+            .await
+            .unwrap();
+        assert_eq!(*again, info);
+    }
+}

@@ -1,0 +1,99 @@
+//! oci-tag-proxy: answers "which tags does this image have, what does each point to, and when
+//! was it updated?" from a cache, so that callers can ask as often as they like without getting
+//! rate-limited by the registry.
+//!
+//! # Layout
+//! - [`config`]: flags and environment variables, validated into [`config::Settings`].
+//! - [`model`]: image references, tags and tag lists; name validation.
+//! - [`api`]: the HTTP routes (`/tags`, `/metrics`, `/healthz`, `/readyz`) and error answers.
+//! - [`refresh`]: cache or registry? Stale-while-revalidate, stale-if-error, single flight.
+//! - [`cache`]: the memory tier (`moka`) over the embedded disk tier (`redb`).
+//! - [`upstream`]: the Docker Hub API and the OCI distribution protocol, auth, and the
+//!   careful HTTP client they share.
+//! - [`metrics`]: every Prometheus metric.
+//! - [`shutdown`], [`telemetry`]: signals and logging.
+//!
+//! [`serve`] wires them together on an already-bound listener, so tests run the real service
+//! on `127.0.0.1:0`.
+
+pub mod api;
+pub mod cache;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod refresh;
+pub mod shutdown;
+pub mod telemetry;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::disk::DiskStore;
+use crate::cache::{DigestCache, TagCache};
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::refresh::Refresher;
+use crate::upstream::Upstream;
+
+/// How long shutdown waits for background refreshes to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the cache in {dir}: {source}")]
+    Cache {
+        dir: String,
+        source: cache::disk::DiskError,
+    },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the service on `listener` until `shutdown` resolves, then drains in-flight requests and
+/// background refreshes.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let disk = DiskStore::open(&settings.dir).map_err(|source| StartError::Cache {
+        dir: settings.dir.display().to_string(),
+        source,
+    })?;
+    let (metrics, registry) = Metrics::new();
+    let tracker = TaskTracker::new();
+    let digests = DigestCache::new(disk.clone(), settings.memory_entries.saturating_mul(10));
+    let upstream = Upstream::new(&settings, metrics.clone(), digests);
+    let refresher = Refresher::new(
+        TagCache::new(disk, settings.memory_entries),
+        upstream,
+        settings.refresh_interval,
+        metrics.clone(),
+        tracker.clone(),
+    );
+    let state = api::AppState {
+        settings: Arc::new(settings),
+        refresher,
+        metrics,
+        registry: Arc::new(registry),
+    };
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background refreshes still running at shutdown; abandoning them");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

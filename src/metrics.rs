@@ -1,0 +1,160 @@
+//! Every Prometheus metric of the service, declared in one place.
+//!
+//! Labels stay low-cardinality: the registry label is `docker`, `ghcr` or an allow-listed host,
+//! never an image name, URL or credential.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// How a `/tags` request was answered.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RequestStatus {
+    /// Fetched from upstream while the caller waited (a cache miss).
+    success,
+    /// Answered from a fresh cache entry.
+    cache_hit,
+    /// Answered from a stale entry while a refresh runs (or after it failed).
+    cache_stale,
+    /// An error answer (bad input or upstream failure with nothing cached).
+    error,
+}
+
+/// What an upstream request was for.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UpstreamKind {
+    token,
+    tag_page,
+    manifest_head,
+    manifest_get,
+    blob,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub registry: String,
+    pub status: RequestStatus,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    pub registry: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub registry: String,
+    pub kind: UpstreamKind,
+    /// The HTTP status code, or `error` / `timeout` when there was none.
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: &'static str,
+}
+
+/// The metric handles; cheap to clone (each is an `Arc` inside).
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub fetch_seconds: Family<RegistryLabels, Histogram>,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub refresh_errors: Family<RegistryLabels, Counter>,
+    pub cache_entries: Family<TierLabels, Gauge>,
+    pub digests_cached: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in a new registry.
+    pub fn new() -> (Metrics, Registry) {
+        let metrics = Metrics {
+            requests: Family::default(),
+            fetch_seconds: Family::new_with_constructor(|| {
+                Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+            }),
+            upstream_requests: Family::default(),
+            refresh_errors: Family::default(),
+            cache_entries: Family::default(),
+            digests_cached: Gauge::default(),
+        };
+        let mut registry = Registry::with_prefix("tag_proxy");
+        registry.register(
+            "requests",
+            "Tag requests by registry and how they were answered",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "registry_fetch_seconds",
+            "Time to fetch one image's tag list from its registry",
+            metrics.fetch_seconds.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "HTTP requests sent to registries, by kind and response status",
+            metrics.upstream_requests.clone(),
+        );
+        registry.register(
+            "refresh_errors",
+            "Background refreshes that failed (the previous answer kept being served)",
+            metrics.refresh_errors.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Images cached, by tier",
+            metrics.cache_entries.clone(),
+        );
+        registry.register(
+            "digests_cached",
+            "Manifest digests whose platforms and dates are known (on disk)",
+            metrics.digests_cached.clone(),
+        );
+        (metrics, registry)
+    }
+
+    pub fn count_request(&self, registry: &str, status: RequestStatus) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                registry: registry.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn count_upstream(&self, registry: &str, kind: UpstreamKind, status: String) {
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                registry: registry.to_owned(),
+                kind,
+                status,
+            })
+            .inc();
+    }
+
+    pub fn observe_fetch(&self, registry: &str, seconds: f64) {
+        self.fetch_seconds
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn count_refresh_error(&self, registry: &str) {
+        self.refresh_errors
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn set_cache_entries(&self, tier: &'static str, n: u64) {
+        self.cache_entries
+            .get_or_create(&TierLabels { tier })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}

@@ -1,0 +1,227 @@
+//! Deciding, per request, between the cache and the registry.
+//!
+//! - fresh entry (younger than the refresh interval): answer from it;
+//! - stale entry: answer from it at once and refresh in the background (stale-while-revalidate);
+//!   when that refresh fails, the old answer keeps being served (stale-if-error), and the
+//!   failure is logged, counted, and not retried for a while;
+//! - no entry: fetch while the caller waits.
+//!
+//! Every fetch goes through the [`Coalescer`], so concurrent requests for one image cost one
+//! upstream fetch.
+
+pub mod coalesce;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::{CachedTags, TagCache};
+use crate::metrics::Metrics;
+use crate::model::ImageRef;
+use crate::upstream::{Upstream, UpstreamError};
+pub use coalesce::{Coalescer, FetchResult};
+
+/// After a failed background refresh, the next one waits at least this long.
+const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// The longest a `Retry-After` is honoured for, whatever the registry says.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// How an answer relates to the cache; sent as `X-Cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Stale,
+    Miss,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Miss => "miss",
+        }
+    }
+}
+
+/// Serves tag lists from the cache and keeps them fresh.
+#[derive(Clone)]
+pub struct Refresher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cache: TagCache,
+    upstream: Upstream,
+    flights: Coalescer,
+    refresh_interval: Duration,
+    metrics: Metrics,
+    /// Per image: no upstream request before this instant (after a failure or a 429).
+    /// A std mutex: never held across an await.
+    quiet_until: Mutex<HashMap<String, Quiet>>,
+}
+
+/// Until when an image is left alone, and the 429 to answer misses with meanwhile.
+type Quiet = (Instant, Option<Arc<UpstreamError>>);
+
+impl Refresher {
+    pub fn new(
+        cache: TagCache,
+        upstream: Upstream,
+        refresh_interval: Duration,
+        metrics: Metrics,
+        tracker: TaskTracker,
+    ) -> Refresher {
+        Refresher {
+            inner: Arc::new(Inner {
+                cache,
+                upstream,
+                flights: Coalescer::new(tracker),
+                refresh_interval,
+                metrics,
+                quiet_until: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn cache(&self) -> &TagCache {
+        &self.inner.cache
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.inner.upstream
+    }
+
+    /// The answer for `image`, and how it relates to the cache.
+    pub async fn tags(
+        &self,
+        image: &ImageRef,
+    ) -> Result<(Arc<CachedTags>, CacheStatus), Arc<UpstreamError>> {
+        let key = image.cache_key();
+        if let Some(entry) = self.inner.cache.get(&key).await {
+            if self.is_fresh(&entry) {
+                return Ok((entry, CacheStatus::Hit));
+            }
+            self.refresh_in_background(image, &key);
+            return Ok((entry, CacheStatus::Stale));
+        }
+        if let Some(err) = self.quiet_error(&key) {
+            return Err(err);
+        }
+        let entry = self.fetch(image, &key).await?;
+        Ok((entry, CacheStatus::Miss))
+    }
+
+    fn is_fresh(&self, entry: &CachedTags) -> bool {
+        let age = Utc::now() - entry.list.fetched_at;
+        age.to_std().unwrap_or(Duration::ZERO) < self.inner.refresh_interval
+    }
+
+    fn refresh_in_background(&self, image: &ImageRef, key: &str) {
+        if self.is_quiet(key) {
+            return;
+        }
+        // Dropping the flight is fine: the fetch runs in its own task.
+        drop(self.start_fetch(image, key));
+    }
+
+    async fn fetch(&self, image: &ImageRef, key: &str) -> FetchResult {
+        self.start_fetch(image, key).await
+    }
+
+    fn start_fetch(&self, image: &ImageRef, key: &str) -> coalesce::FetchFuture {
+        let this = self.clone();
+        let image = image.clone();
+        let owned_key = key.to_owned();
+        self.inner.flights.join(
+            key,
+            async move { this.fetch_and_store(image, owned_key).await },
+        )
+    }
+
+    /// The one fetch for an image: re-checks the cache (a fetch that just finished may have
+    /// filled it), asks the registry, stores the answer or remembers the failure.
+    async fn fetch_and_store(&self, image: ImageRef, key: String) -> FetchResult {
+        if let Some(entry) = self.inner.cache.get(&key).await
+            && self.is_fresh(&entry)
+        {
+            return Ok(entry);
+        }
+        let label = image.registry.label().to_owned();
+        let started = Instant::now();
+        let result = self.inner.upstream.fetch_tags(&image).await;
+        self.inner
+            .metrics
+            .observe_fetch(&label, started.elapsed().as_secs_f64());
+        match result {
+            Ok(list) => {
+                self.inner
+                    .quiet_until
+                    .lock()
+                    .expect("quiet lock")
+                    .remove(&key);
+                tracing::info!(image = %image, tags = list.tags.len(), truncated = list.truncated,
+                    elapsed_ms = started.elapsed().as_millis() as u64, "fetched from upstream");
+                Ok(self.inner.cache.put(&key, list).await)
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                self.remember_failure(&key, &e);
+                tracing::warn!(image = %image, error = %e, "upstream fetch failed");
+                self.inner.metrics.count_refresh_error(&label);
+                Err(e)
+            }
+        }
+    }
+
+    /// A 429 silences the image for its `Retry-After` (misses get the 429 at once, without a
+    /// request); any other failure only delays the next background refresh.
+    fn remember_failure(&self, key: &str, e: &Arc<UpstreamError>) {
+        let (wait, keep) = match e.as_ref() {
+            UpstreamError::RateLimited { retry_after, .. } => (
+                retry_after
+                    .unwrap_or(Duration::from_secs(5))
+                    .min(MAX_RETRY_AFTER),
+                Some(e.clone()),
+            ),
+            _ => (REFRESH_RETRY_AFTER, None),
+        };
+        self.inner
+            .quiet_until
+            .lock()
+            .expect("quiet lock")
+            .insert(key.to_owned(), (Instant::now() + wait, keep));
+    }
+
+    fn is_quiet(&self, key: &str) -> bool {
+        let quiet = self.inner.quiet_until.lock().expect("quiet lock");
+        quiet
+            .get(key)
+            .is_some_and(|(until, _)| *until > Instant::now())
+    }
+
+    /// The remembered 429 for an image still inside its `Retry-After`, with the time left.
+    fn quiet_error(&self, key: &str) -> Option<Arc<UpstreamError>> {
+        let quiet = self.inner.quiet_until.lock().expect("quiet lock");
+        let (until, err) = quiet.get(key)?;
+        let left = until.checked_duration_since(Instant::now())?;
+        match err.as_deref()? {
+            UpstreamError::RateLimited { status, url, .. } => {
+                Some(Arc::new(UpstreamError::RateLimited {
+                    status: *status,
+                    url: url.clone(),
+                    retry_after: Some(left),
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// Fetches running now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.flights.in_flight()
+    }
+}
