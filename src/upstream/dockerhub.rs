@@ -112,15 +112,23 @@ impl DockerHub {
         url.query_pairs_mut()
             .append_pair("page_size", &PAGE_SIZE.to_string())
             .append_pair("ordering", "last_updated");
-        let mut tags = Vec::new();
+        let mut tags: Vec<Tag> = Vec::new();
         let mut seen = HashSet::new();
+        // Pages are offsets into a newest-first list: a push during the walk shifts them, so
+        // the same tag can appear twice. The first (newest) sighting wins.
+        let mut names = HashSet::new();
         for page_no in 0..self.max_pages {
             let resp = self.get(url.clone()).await?;
             if let Some(end) = self.page_end(&resp, page_no)? {
                 return Ok(TagList::new(tags, end, self.max_tags));
             }
             let page: Page = resp.json()?;
-            tags.extend(page.results.into_iter().filter_map(HubTag::into_tag));
+            tags.extend(
+                page.results
+                    .into_iter()
+                    .filter_map(HubTag::into_tag)
+                    .filter(|t| names.insert(t.name.clone())),
+            );
             seen.insert(url.to_string());
             let Some(next) = page.next.filter(|_| tags.len() < self.max_tags) else {
                 let cut_short = tags.len() >= self.max_tags;

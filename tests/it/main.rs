@@ -2,6 +2,9 @@
 
 mod support;
 
+// The service against the Docker Hub fake: shape, order, paging, caps, failures.
+mod dockerhub;
+
 // Self-tests of the test harness: the fakes and the real registry behave as the reference says.
 mod selftest_hub;
 mod selftest_registry;
