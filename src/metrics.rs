@@ -3,6 +3,8 @@
 //! Labels stay low-cardinality: the registry label is `docker`, `ghcr` or an allow-listed host,
 //! never an image name, URL or credential.
 
+use std::collections::HashSet;
+
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -156,5 +158,71 @@ impl Metrics {
         self.cache_entries
             .get_or_create(&TierLabels { tier })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+/// `Content-Type` of the OpenMetrics exposition.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of the classic Prometheus text exposition.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Encodes every metric. `prometheus-client` writes OpenMetrics; scrapers that did not ask for
+/// it (and `promtool check metrics`) get the classic text format, where a counter family is
+/// named with its `_total` suffix and there is no `# EOF` or `# UNIT`.
+pub fn encode(registry: &Registry, openmetrics: bool) -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    if openmetrics {
+        return Ok(text);
+    }
+    Ok(to_prometheus_text(&text))
+}
+
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_with_total() {
+        let (m, registry) = Metrics::new();
+        m.count_request("docker", RequestStatus::cache_hit);
+        let text = encode(&registry, false).unwrap();
+        assert!(
+            text.contains("# TYPE tag_proxy_requests_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP tag_proxy_requests_total "), "{text}");
+        assert!(!text.contains("# EOF"));
+        let om = encode(&registry, true).unwrap();
+        assert!(om.contains("# TYPE tag_proxy_requests counter"));
+        assert!(om.trim_end().ends_with("# EOF"));
     }
 }

@@ -1,7 +1,7 @@
 //! Liveness, readiness and the Prometheus endpoint.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
@@ -27,8 +27,9 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     }
 }
 
-/// The Prometheus text exposition (OpenMetrics), with cache sizes read at scrape time.
-pub async fn metrics(State(app): State<AppState>) -> Response {
+/// The metrics, with cache sizes read at scrape time: OpenMetrics when the scraper asks for it
+/// (`Accept: application/openmetrics-text`), else the classic Prometheus text format.
+pub async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> Response {
     let cache = app.refresher.cache();
     app.metrics
         .set_cache_entries("memory", cache.memory_entries());
@@ -40,15 +41,24 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
             .digests_cached
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    let mut body = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &app.registry) {
-        tracing::error!(error = %e, "metrics encoding failed");
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let body = match crate::metrics::encode(&app.registry, openmetrics) {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(error = %e, "metrics encoding failed");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    let content_type = if openmetrics {
+        crate::metrics::OPENMETRICS_CONTENT_TYPE
+    } else {
+        crate::metrics::PROMETHEUS_CONTENT_TYPE
+    };
     let mut resp = body.into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }

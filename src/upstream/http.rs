@@ -192,10 +192,15 @@ impl HttpClient {
 
     async fn send_following(&self, mut req: Request) -> Result<Response, UpstreamError> {
         for _ in 0..=MAX_REDIRECTS {
+            // The host's permit is held until the body is read: the cap counts whole requests.
+            let permit = self.host_semaphore(&req.url).acquire_owned().await;
             let resp = self.send_once(&req).await?;
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
-                return self.finish(resp, &req).await;
+                let done = self.finish(resp, &req).await;
+                drop(permit);
+                return done;
             }
+            drop(permit);
             let next = redirect_target(&req.url, resp.headers())?;
             self.check_redirect(&req.url, &next).await?;
             if origin(&next) != origin(&req.url) {
@@ -213,14 +218,12 @@ impl HttpClient {
     }
 
     async fn send_once(&self, req: &Request) -> Result<reqwest::Response, UpstreamError> {
-        let permit = self.host_semaphore(&req.url).acquire_owned().await;
         let result = self
             .client
             .request(req.method.clone(), req.url.clone())
             .headers(req.headers.clone())
             .send()
             .await;
-        drop(permit);
         let status = match &result {
             Ok(r) => r.status().as_u16().to_string(),
             Err(e) if e.is_timeout() => "timeout".to_owned(),

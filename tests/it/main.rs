@@ -2,6 +2,12 @@
 
 mod support;
 
+// The HTTP contract: 400s, routes, health, /metrics through promtool.
+mod api;
+
+// Single flight, stale-while-revalidate, stale-if-error, persistence across restarts.
+mod cache;
+
 // The service against the Docker Hub fake: shape, order, paging, caps, failures.
 mod dockerhub;
 
