@@ -11,6 +11,9 @@ mod cache;
 // The service against the Docker Hub fake: shape, order, paging, caps, failures.
 mod dockerhub;
 
+// The service against the real distribution registry on loopback.
+mod oci_registry;
+
 // Self-tests of the test harness: the fakes and the real registry behave as the reference says.
 mod selftest_hub;
 mod selftest_registry;
