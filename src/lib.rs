@@ -5,7 +5,10 @@
 //! # Layout
 //! - [`config`]: flags and environment variables, validated into [`config::Settings`].
 //! - [`model`]: image references, tags and tag lists; name validation.
-//! - [`api`]: the HTTP routes (`/tags`, `/metrics`, `/healthz`, `/readyz`) and error answers.
+//! - [`selection`], [`version`]: filtering and ordering a tag list per request; what counts as
+//!   a version.
+//! - [`api`]: the HTTP routes (`/tags`, `/tags/latest`, `/metrics`, `/healthz`, `/readyz`,
+//!   `/openapi.json`), error answers, ETags and compression.
 //! - [`refresh`]: cache or registry? Stale-while-revalidate, stale-if-error, single flight.
 //! - [`cache`]: the memory tier (`moka`) over the embedded disk tier (`redb`).
 //! - [`upstream`]: the Docker Hub API and the OCI distribution protocol, auth, and the
@@ -22,9 +25,11 @@ pub mod config;
 pub mod metrics;
 pub mod model;
 pub mod refresh;
+pub mod selection;
 pub mod shutdown;
 pub mod telemetry;
 pub mod upstream;
+pub mod version;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -161,15 +161,22 @@ pub fn normalize_docker_hub(name: &str) -> Result<String, NameError> {
 }
 
 /// One tag as the API returns it. The first four fields are the public contract.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tag {
+    /// The tag.
     pub name: String,
-    /// When the image was created (OCI) or last pushed (Docker Hub); `null` when unknown.
+    /// When the image was created (OCI) or last pushed (Docker Hub), RFC 3339 UTC; `null` when
+    /// the registry gives no date.
     #[serde(with = "rfc3339_opt")]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-02-07T08:15:30Z", required = true)]
     pub last_updated: Option<DateTime<Utc>>,
     /// Deduplicated, sorted architecture names (`amd64`, `arm64`, `arm`, ...).
     pub architectures: Vec<String>,
     /// The digest the tag points to (of the index when multi-platform); `null` when unknown.
+    #[schema(
+        example = "sha256:2ae17aff4c3c8cdb2d3d9c885d7c59ad518bffc89e8351598ff1f3f918183b7c",
+        required = true
+    )]
     pub digest: Option<String>,
     /// Full platforms (`linux/arm/v7`), deduplicated and sorted.
     pub platforms: Vec<String>,

@@ -18,8 +18,13 @@ pub enum ApiError {
     /// 404/429/502/504/...: the registry could not give an answer and nothing was cached.
     #[error("{0}")]
     Upstream(Arc<UpstreamError>),
+    /// 404: `/tags/latest` found no tag that matches the parameters.
+    #[error("no tag of {0} matches the given parameters")]
+    NoMatch(String),
     /// 404 for paths the API does not have.
-    #[error("not found: see GET /tags?image=<name>&registry=<docker|ghcr|host>")]
+    #[error(
+        "not found: see GET /tags?image=<name>&registry=<docker|ghcr|host>, or GET /openapi.json"
+    )]
     NoRoute,
     /// 405.
     #[error("method not allowed")]
@@ -30,7 +35,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::NoRoute | ApiError::NoMatch(_) => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Upstream(e) => match e.as_ref() {
                 UpstreamError::NotFound { .. } => StatusCode::NOT_FOUND,

@@ -8,11 +8,16 @@ use super::AppState;
 use crate::cache::disk::Table;
 
 /// Alive as long as the process answers.
+#[utoipa::path(get, path = "/healthz",
+    responses((status = 200, description = "ok", body = String, content_type = "text/plain")))]
 pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
 /// Ready when the cache database answers.
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "ready, with details", body = String, content_type = "text/plain"),
+    (status = 503, description = "not ready, with the reason", body = String, content_type = "text/plain")))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
     match app.refresher.cache().disk().len(Table::Tags).await {
         Ok(n) => (
@@ -27,6 +32,10 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200,
+    description = "Prometheus text format, or OpenMetrics when asked for with `Accept`",
+    body = String, content_type = "text/plain")))]
 /// The metrics, with cache sizes read at scrape time: OpenMetrics when the scraper asks for it
 /// (`Accept: application/openmetrics-text`), else the classic Prometheus text format.
 pub async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> Response {

@@ -1,7 +1,10 @@
 //! The HTTP API: every route in one function, and the state the handlers share.
 
+pub mod encoding;
 mod error;
 mod health;
+mod openapi;
+mod query;
 mod tags;
 
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use openapi::ApiDoc;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -35,6 +39,8 @@ pub fn router(state: AppState) -> Router {
     let request_timeout = state.settings.upstream_timeout * 3 + Duration::from_secs(5);
     Router::new()
         .route("/tags", get(tags::get_tags))
+        .route("/tags/latest", get(tags::get_latest))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

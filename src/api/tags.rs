@@ -1,47 +1,114 @@
-//! `GET /tags?image=<name>&registry=<docker|ghcr|host>`: the tag list of one image.
+//! `GET /tags` and `GET /tags/latest`.
 //!
-//! The query is validated into an [`ImageRef`] here, at the edge; a cached answer is sent as the
-//! bytes it was stored with.
+//! Without parameters, `/tags` sends the cached entry's stored body (and its stored compressed
+//! form): nothing is parsed or serialized per request. With parameters, the cached list is
+//! narrowed and sorted in memory ([`crate::selection`]), work proportional to the tag count.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::Utc;
 
 use super::AppState;
+use super::encoding::{Encoding, etag_of, not_modified};
 use super::error::ApiError;
+use super::query::{self, Format, TagsParams, TagsQuery};
+use crate::cache::CachedTags;
 use crate::metrics::RequestStatus;
-use crate::model::{ImageRef, Registry, normalize_docker_hub, validate_repository};
+use crate::model::Tag;
 use crate::refresh::CacheStatus;
 
-/// The query parameters `/tags` knows.
-const PARAMS: &[&str] = &["image", "registry"];
-
-/// Names that mean Docker Hub.
-const DOCKER_HUB_NAMES: &[&str] = &[
-    "docker",
-    "docker.io",
-    "index.docker.io",
-    "registry-1.docker.io",
-    "registry.hub.docker.com",
-    "hub.docker.com",
-];
-
-pub async fn get_tags(State(app): State<AppState>, RawQuery(query): RawQuery) -> Response {
+/// The tags of one image, newest first unless asked otherwise.
+#[utoipa::path(
+    get,
+    path = "/tags",
+    params(TagsParams),
+    responses(
+        (status = 200, description = "The image's tags. Headers: `ETag`, `Cache-Control`, `Age`, \
+            `X-Cache: hit|stale|miss`, `X-Tags-Truncated: true` when incomplete.",
+            body = Vec<Tag>, content_type = "application/json"),
+        (status = 304, description = "`If-None-Match` matched: the answer has not changed"),
+        (status = 400, description = "Invalid parameter", body = String, content_type = "text/plain"),
+        (status = 403, description = "The registry refused access", body = String, content_type = "text/plain"),
+        (status = 404, description = "The registry has no such repository", body = String, content_type = "text/plain"),
+        (status = 429, description = "The registry rate-limits us and nothing is cached (`Retry-After`)", body = String, content_type = "text/plain"),
+        (status = 502, description = "Other upstream failure", body = String, content_type = "text/plain"),
+        (status = 504, description = "The registry did not answer in time", body = String, content_type = "text/plain"),
+    )
+)]
+pub async fn get_tags(
+    State(app): State<AppState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
-    let image = match parse_query(&app, query.as_deref().unwrap_or("")) {
-        Ok(image) => image,
-        Err(e) => {
-            app.metrics.count_request("none", RequestStatus::error);
-            tracing::info!(status = 400, error = %e, "bad request");
-            return e.into_response();
-        }
+    let (query, entry, cache) = match lookup(&app, q.as_deref(), false).await {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
     };
-    let label = image.registry.label().to_owned();
-    let result = app.refresher.tags(&image).await;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    match result {
+    let payload = if query.selection.is_identity() {
+        Payload::Cached(entry.clone())
+    } else {
+        let tags = query.selection.apply(&entry.list.tags);
+        Payload::json(&tags)
+    };
+    log_ok(&query, &entry, cache, started, "tags");
+    respond(&app, &headers, payload, &entry, cache)
+}
+
+/// The one best tag: the highest release version, else the newest (or the first by `sort`).
+#[utoipa::path(
+    get,
+    path = "/tags/latest",
+    params(TagsParams),
+    responses(
+        (status = 200, description = "The best tag (JSON object, or its name with `format=text`)",
+            body = Tag, content_type = "application/json"),
+        (status = 304, description = "`If-None-Match` matched"),
+        (status = 400, description = "Invalid parameter", body = String, content_type = "text/plain"),
+        (status = 404, description = "No tag matches, or no such repository", body = String, content_type = "text/plain"),
+        (status = 429, description = "Rate-limited upstream and nothing cached", body = String, content_type = "text/plain"),
+        (status = 502, description = "Other upstream failure", body = String, content_type = "text/plain"),
+        (status = 504, description = "Upstream time-out", body = String, content_type = "text/plain"),
+    )
+)]
+pub async fn get_latest(
+    State(app): State<AppState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let (query, entry, cache) = match lookup(&app, q.as_deref(), true).await {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
+    };
+    let Some(best) = query.selection.best(&entry.list.tags, query.explicit_sort) else {
+        return ApiError::NoMatch(query.image.to_string()).into_response();
+    };
+    let payload = match query.format {
+        Format::Json => Payload::json(best),
+        Format::Text => Payload::text(format!("{}\n", best.name)),
+    };
+    log_ok(&query, &entry, cache, started, "latest");
+    respond(&app, &headers, payload, &entry, cache)
+}
+
+/// Validates the query and finds the cached (or freshly fetched) answer, counting the request.
+async fn lookup(
+    app: &AppState,
+    raw: Option<&str>,
+    latest: bool,
+) -> Result<(TagsQuery, Arc<CachedTags>, CacheStatus), ApiError> {
+    let query = query::parse(app, raw.unwrap_or(""), latest).inspect_err(|e| {
+        app.metrics.count_request("none", RequestStatus::error);
+        tracing::info!(status = 400, error = %e, "bad request");
+    })?;
+    let label = query.image.registry.label().to_owned();
+    match app.refresher.tags(&query.image).await {
         Ok((entry, cache)) => {
             let status = match cache {
                 CacheStatus::Hit => RequestStatus::cache_hit,
@@ -49,148 +116,124 @@ pub async fn get_tags(State(app): State<AppState>, RawQuery(query): RawQuery) ->
                 CacheStatus::Miss => RequestStatus::success,
             };
             app.metrics.count_request(&label, status);
-            tracing::info!(image = %image.repository, registry = %label,
-                tags = entry.list.tags.len(), cache = cache.as_str(), latency_ms, "tags");
-            let mut resp = (StatusCode::OK, entry.body.clone()).into_response();
-            let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            h.insert("x-cache", HeaderValue::from_static(cache.as_str()));
-            if entry.list.truncated {
-                h.insert("x-tags-truncated", HeaderValue::from_static("true"));
-            }
-            resp
+            Ok((query, entry, cache))
         }
         Err(e) => {
             app.metrics.count_request(&label, RequestStatus::error);
             let err = ApiError::Upstream(e);
-            tracing::info!(image = %image.repository, registry = %label,
-                status = err.status().as_u16(), error = %err, latency_ms, "tags failed");
-            err.into_response()
+            tracing::info!(image = %query.image.repository, registry = %label,
+                status = err.status().as_u16(), error = %err, "tags failed");
+            Err(err)
         }
     }
 }
 
-/// Validates the query string into the image it names.
-fn parse_query(app: &AppState, query: &str) -> Result<ImageRef, ApiError> {
-    let bad = |m: String| ApiError::BadRequest(m);
-    let mut image = None;
-    let mut registry = None;
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        let slot = match k.as_ref() {
-            "image" => &mut image,
-            "registry" => &mut registry,
-            other => {
-                return Err(bad(format!(
-                    "unknown query parameter {other:?}; supported: {}",
-                    PARAMS.join(", ")
-                )));
-            }
-        };
-        if slot.replace(v.into_owned()).is_some() {
-            return Err(bad(format!("query parameter {k:?} given more than once")));
-        }
-    }
-    let image = image.filter(|i| !i.is_empty()).ok_or_else(|| {
-        bad("missing required query parameter \"image\" (e.g. image=library/nginx)".into())
-    })?;
-    let registry = parse_registry(app, registry.as_deref())?;
-    let repository = match registry {
-        Registry::DockerHub => normalize_docker_hub(&image),
-        Registry::Oci(_) => validate_repository(&image).map(|_| image.clone()),
-    }
-    .map_err(|e| bad(format!("invalid image {:?}: {e}", truncate(&image))))?;
-    Ok(ImageRef {
-        registry,
-        repository,
-    })
+fn log_ok(q: &TagsQuery, entry: &CachedTags, cache: CacheStatus, started: Instant, route: &str) {
+    tracing::info!(route, image = %q.image.repository, registry = %q.image.registry,
+        tags = entry.list.tags.len(), cache = cache.as_str(),
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0, "answered");
 }
 
-fn parse_registry(app: &AppState, raw: Option<&str>) -> Result<Registry, ApiError> {
-    let raw = match raw {
-        None => return Ok(Registry::DockerHub),
-        Some("") => {
-            return Err(ApiError::BadRequest(
-                "query parameter \"registry\" is empty; use docker, ghcr or a registry host".into(),
-            ));
+/// A body to send: the cached entry's own, or one made for this request.
+enum Payload {
+    Cached(Arc<CachedTags>),
+    Made {
+        body: Bytes,
+        etag: String,
+        content_type: &'static str,
+    },
+}
+
+impl Payload {
+    fn json<T: serde::Serialize + ?Sized>(value: &T) -> Payload {
+        let body = Bytes::from(serde_json::to_vec(value).expect("tags serialize"));
+        Payload::Made {
+            etag: etag_of(&body),
+            body,
+            content_type: "application/json",
         }
-        Some(r) => r.to_ascii_lowercase(),
-    };
-    if DOCKER_HUB_NAMES.contains(&raw.as_str()) {
-        return Ok(Registry::DockerHub);
     }
-    let host = if raw == "ghcr" {
-        "ghcr.io".to_owned()
+
+    fn text(text: String) -> Payload {
+        let body = Bytes::from(text);
+        Payload::Made {
+            etag: etag_of(&body),
+            body,
+            content_type: "text/plain; charset=utf-8",
+        }
+    }
+
+    fn etag(&self) -> &str {
+        match self {
+            Payload::Cached(e) => &e.etag,
+            Payload::Made { etag, .. } => etag,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Payload::Cached(e) => e.body.len(),
+            Payload::Made { body, .. } => body.len(),
+        }
+    }
+
+    fn encoded(&self, encoding: Encoding) -> Bytes {
+        match self {
+            Payload::Cached(e) => e.encoded(encoding),
+            Payload::Made { body, .. } if encoding == Encoding::Identity => body.clone(),
+            Payload::Made { body, .. } => encoding.compress(body),
+        }
+    }
+
+    fn content_type(&self) -> &'static str {
+        match self {
+            Payload::Cached(_) => "application/json",
+            Payload::Made { content_type, .. } => content_type,
+        }
+    }
+}
+
+/// A `200` (or `304`) with the caching headers every tag answer carries.
+fn respond(
+    app: &AppState,
+    req: &HeaderMap,
+    payload: Payload,
+    entry: &CachedTags,
+    cache: CacheStatus,
+) -> Response {
+    let encoding = Encoding::negotiate(req, payload.len());
+    let etag = encoding.etag(payload.etag());
+    let mut resp = if not_modified(req, payload.etag()) {
+        StatusCode::NOT_MODIFIED.into_response()
     } else {
-        raw
+        let mut r = (StatusCode::OK, payload.encoded(encoding)).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(payload.content_type()),
+        );
+        if let Some(enc) = encoding.header() {
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static(enc));
+        }
+        r
     };
-    if !is_host(&host) {
-        return Err(ApiError::BadRequest(format!(
-            "invalid registry {:?}: expected docker, ghcr or a host such as quay.io or localhost:5000",
-            truncate(&host)
-        )));
+    let age = (Utc::now() - entry.list.fetched_at)
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    let max_age = app.settings.refresh_interval.saturating_sub(age).as_secs();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
     }
-    if host != "ghcr.io" && !app.settings.allowed_registries.contains(&host) {
-        return Err(ApiError::BadRequest(format!(
-            "registry {host:?} is not allowed here; allowed: docker, ghcr, {}",
-            app.settings.allowed_registries.join(", ")
-        )));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_str(&format!("max-age={max_age}")).expect("ascii"),
+    );
+    h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    h.insert("x-cache", HeaderValue::from_static(cache.as_str()));
+    if entry.list.truncated {
+        h.insert("x-tags-truncated", HeaderValue::from_static("true"));
     }
-    Ok(Registry::Oci(host))
-}
-
-/// `host` or `host:port`, where host is a DNS name or an IP literal (`[::1]` for IPv6).
-fn is_host(s: &str) -> bool {
-    let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(':') && (!h.contains(':') || h.starts_with('[')) => {
-            (h, Some(p))
-        }
-        _ => (s, None),
-    };
-    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
-        return false;
-    }
-    !host.is_empty()
-        && host.len() <= 253
-        && url::Host::parse(host).is_ok()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
-}
-
-/// Keeps echoed input short.
-fn truncate(s: &str) -> String {
-    s.chars().take(80).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hosts() {
-        for h in [
-            "quay.io",
-            "localhost:5000",
-            "127.0.0.1:5000",
-            "[::1]:5000",
-            "a-b.example",
-        ] {
-            assert!(is_host(h), "{h}");
-        }
-        for h in [
-            "",
-            "a/b",
-            "quay.io:",
-            "quay.io:99999",
-            "a b",
-            "http://x",
-            "a:b:c",
-            "a_b",
-        ] {
-            assert!(!is_host(h), "{h}");
-        }
-    }
+    resp
 }

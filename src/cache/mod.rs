@@ -8,11 +8,12 @@
 pub mod disk;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::api::encoding::Encoding;
 use crate::model::TagList;
 use crate::upstream::UpstreamError;
 use crate::upstream::manifest::DigestInfo;
@@ -65,20 +66,35 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Option<T> {
     }
 }
 
-/// A cached answer: the tag list and its JSON body, ready to send.
+/// A cached answer: the tag list, its JSON body and that body's ETag, ready to send; and the
+/// body's compressed forms, made on first use and kept with the entry.
 #[derive(Debug)]
 pub struct CachedTags {
     pub list: TagList,
     pub body: Bytes,
+    pub etag: String,
+    encoded: [OnceLock<Bytes>; 2],
 }
 
 impl CachedTags {
     pub fn new(list: TagList) -> CachedTags {
-        let body = serde_json::to_vec(&list.tags).expect("tags serialize");
+        let body = Bytes::from(serde_json::to_vec(&list.tags).expect("tags serialize"));
         CachedTags {
+            etag: crate::api::encoding::etag_of(&body),
             list,
-            body: Bytes::from(body),
+            body,
+            encoded: Default::default(),
         }
+    }
+
+    /// The body in `encoding`, compressed once per entry.
+    pub fn encoded(&self, encoding: Encoding) -> Bytes {
+        let slot = match encoding {
+            Encoding::Identity => return self.body.clone(),
+            Encoding::Gzip => &self.encoded[0],
+            Encoding::Brotli => &self.encoded[1],
+        };
+        slot.get_or_init(|| encoding.compress(&self.body)).clone()
     }
 }
 

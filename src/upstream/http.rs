@@ -156,6 +156,12 @@ impl HttpClient {
     pub fn new(settings: &Settings, metrics: Metrics) -> HttpClient {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // Bodies are read raw and capped; never let a feature enabled elsewhere (the tests
+            // enable decompression) turn on transparent decompression here.
+            .no_gzip()
+            .no_brotli()
+            .no_deflate()
+            .no_zstd()
             .user_agent(concat!("oci-tag-proxy/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(settings.upstream_timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))

@@ -2,6 +2,9 @@
 
 mod support;
 
+// Filtering, sorting, /tags/latest, ETag/304, compression, OpenAPI.
+mod answers;
+
 // The HTTP contract: 400s, routes, health, /metrics through promtool.
 mod api;
 

@@ -94,11 +94,16 @@ impl App {
 
     /// `GET /tags?...` and the parsed JSON (panics unless 200).
     pub async fn tags(&self, query: &str) -> (reqwest::header::HeaderMap, serde_json::Value) {
-        let resp = self.get(&format!("/tags?{query}")).await;
+        self.tags_at(&format!("/tags?{query}")).await
+    }
+
+    /// `GET <path>` and the parsed JSON (panics unless 200).
+    pub async fn tags_at(&self, path: &str) -> (reqwest::header::HeaderMap, serde_json::Value) {
+        let resp = self.get(path).await;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.text().await.unwrap();
-        assert_eq!(status, 200, "GET /tags?{query}: {body}");
+        assert_eq!(status, 200, "GET {path}: {body}");
         (headers, serde_json::from_str(&body).expect("JSON body"))
     }
 
@@ -124,10 +129,13 @@ impl Drop for App {
     }
 }
 
+/// A client that sends no `Accept-Encoding`, so tests see bodies as the service sends them.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .no_proxy()
+        .no_gzip()
+        .no_brotli()
         .build()
         .unwrap()
 }
