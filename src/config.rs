@@ -57,6 +57,11 @@ pub struct Cli {
     #[arg(long, env = "TAG_PROXY_REFRESH_INTERVAL", default_value = "24h", value_parser = parse_duration)]
     pub refresh_interval: Duration,
 
+    /// Docker Hub refreshes stop at the first unchanged page; the whole tag list is walked
+    /// again (so deleted tags disappear) once the last whole walk is older than this.
+    #[arg(long, env = "TAG_PROXY_FULL_REFRESH_INTERVAL", default_value = "24h", value_parser = parse_duration)]
+    pub full_refresh_interval: Duration,
+
     /// Registry hosts that callers may name, comma-separated (replaces the default list).
     /// `docker` and `ghcr` are always allowed.
     #[arg(long, env = "TAG_PROXY_ALLOWED_REGISTRIES", value_delimiter = ',')]
@@ -85,9 +90,41 @@ pub struct Cli {
     )]
     pub credentials: Vec<String>,
 
+    /// A Docker `config.json` whose `auths` entries (`auth`, `username`/`password`,
+    /// `identitytoken`) give registry credentials; `--credentials` wins for the same host.
+    /// Default: `$DOCKER_CONFIG/config.json` when `DOCKER_CONFIG` is set.
+    #[arg(long, env = "TAG_PROXY_DOCKER_CONFIG")]
+    pub docker_config: Option<PathBuf>,
+
+    /// Docker Hub username; with `--docker-hub-token`, the proxy logs in to the Hub API
+    /// (and renews the login when it expires) instead of needing a `--jwt`.
+    #[arg(long, env = "TAG_PROXY_DOCKER_HUB_USERNAME")]
+    pub docker_hub_username: Option<String>,
+
+    /// Docker Hub personal access token (or password) for `--docker-hub-username`.
+    #[arg(long, env = "TAG_PROXY_DOCKER_HUB_TOKEN", hide_env_values = true)]
+    pub docker_hub_token: Option<String>,
+
     /// Most upstream requests in flight at once per registry host.
     #[arg(long, env = "TAG_PROXY_UPSTREAM_CONCURRENCY", default_value_t = 8)]
     pub upstream_concurrency: usize,
+
+    /// Retries of a transient upstream failure (connection error, time-out, 5xx), with
+    /// jittered exponential back-off. 4xx other than 401/429 are never retried.
+    #[arg(long, env = "TAG_PROXY_UPSTREAM_RETRIES", default_value_t = 2)]
+    pub upstream_retries: u32,
+
+    /// Most upstream requests per second per registry host (0: no cap).
+    #[arg(long, env = "TAG_PROXY_UPSTREAM_RATE_LIMIT", default_value_t = 0)]
+    pub upstream_rate_limit: u32,
+
+    /// Failed requests in a row (after retries) that open a host's circuit breaker.
+    #[arg(long, env = "TAG_PROXY_BREAKER_THRESHOLD", default_value_t = 5)]
+    pub breaker_threshold: u32,
+
+    /// How long an open breaker refuses requests before letting one trial through.
+    #[arg(long, env = "TAG_PROXY_BREAKER_COOLDOWN", default_value = "30s", value_parser = parse_duration)]
+    pub breaker_cooldown: Duration,
 
     /// Time allowed for one upstream request, body included (`10s`, `1m`).
     #[arg(long, env = "TAG_PROXY_UPSTREAM_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
@@ -128,11 +165,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// A username and password (or token) for one registry.
+/// A username and password (or access token) for one registry, or an OAuth2 identity token
+/// (Docker's `identitytoken`, exchanged at the registry's token server).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
     pub password: String,
+    pub identity_token: Option<String>,
+}
+
+impl Credentials {
+    pub fn new(username: &str, password: &str) -> Credentials {
+        Credentials {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            identity_token: None,
+        }
+    }
+
+    /// A short, one-way fingerprint: cache entries fetched with these credentials are kept
+    /// apart from others, and the fingerprint reveals nothing usable.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"oci-tag-proxy credentials v1\0");
+        h.update(self.username.as_bytes());
+        h.update(b"\0");
+        h.update(self.password.as_bytes());
+        h.update(b"\0");
+        h.update(self.identity_token.as_deref().unwrap_or("").as_bytes());
+        hex::encode(&h.finalize()[..8])
+    }
 }
 
 impl fmt::Debug for Credentials {
@@ -140,6 +203,10 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field(
+                "identity_token",
+                &self.identity_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -151,7 +218,10 @@ pub struct Settings {
     pub dir: PathBuf,
     pub max_tags: usize,
     pub docker_hub_jwt: Option<String>,
+    /// Docker Hub login for the Hub API (username and access token).
+    pub docker_hub_login: Option<Credentials>,
     pub refresh_interval: Duration,
+    pub full_refresh_interval: Duration,
     pub allowed_registries: Vec<String>,
     pub allow_private_networks: bool,
     /// The Hub API base URL.
@@ -160,6 +230,11 @@ pub struct Settings {
     pub registry_endpoints: HashMap<String, Url>,
     pub credentials: HashMap<String, Credentials>,
     pub upstream_concurrency: usize,
+    pub upstream_retries: u32,
+    /// Requests per second per host; `None`: no cap.
+    pub upstream_rate_limit: Option<u32>,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
     pub upstream_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_pages: usize,
@@ -194,7 +269,7 @@ impl fmt::Debug for Settings {
 /// A configuration value that makes no sense.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
-pub struct ConfigError(String);
+pub struct ConfigError(pub String);
 
 impl TryFrom<Cli> for Settings {
     type Error = ConfigError;
@@ -213,6 +288,20 @@ impl TryFrom<Cli> for Settings {
             ));
         }
         let (docker_hub_api, registry_endpoints) = parse_endpoints(&cli.registry_endpoints)?;
+        let mut credentials = match docker_config_path(cli.docker_config.as_deref()) {
+            Some(path) => crate::credentials::read_docker_config(&path)?,
+            None => HashMap::new(),
+        };
+        credentials.extend(parse_credentials(&cli.credentials)?);
+        let docker_hub_login = match (cli.docker_hub_username, cli.docker_hub_token) {
+            (Some(u), Some(t)) if !u.is_empty() && !t.is_empty() => Some(Credentials::new(&u, &t)),
+            (None, None) => credentials.remove(crate::credentials::DOCKER_HUB),
+            _ => {
+                return Err(err(
+                    "--docker-hub-username and --docker-hub-token go together".into(),
+                ));
+            }
+        };
         let allowed_registries = match cli.allowed_registries {
             Some(list) => list.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
             None => DEFAULT_ALLOWED_REGISTRIES
@@ -225,13 +314,19 @@ impl TryFrom<Cli> for Settings {
             dir: cli.dir,
             max_tags: cli.max_tags,
             docker_hub_jwt: cli.jwt.filter(|j| !j.is_empty()),
+            docker_hub_login,
             refresh_interval: cli.refresh_interval,
+            full_refresh_interval: cli.full_refresh_interval,
             allowed_registries,
             allow_private_networks: cli.allow_private_networks,
             docker_hub_api,
             registry_endpoints,
-            credentials: parse_credentials(&cli.credentials)?,
+            credentials,
             upstream_concurrency: cli.upstream_concurrency,
+            upstream_retries: cli.upstream_retries,
+            upstream_rate_limit: (cli.upstream_rate_limit > 0).then_some(cli.upstream_rate_limit),
+            breaker_threshold: cli.breaker_threshold.max(1),
+            breaker_cooldown: cli.breaker_cooldown,
             upstream_timeout: cli.upstream_timeout,
             max_body_bytes: cli.max_body_bytes,
             max_pages: cli.max_pages,
@@ -267,6 +362,12 @@ fn parse_endpoints(raw: &[String]) -> Result<(Url, HashMap<String, Url>), Config
     Ok((hub, map))
 }
 
+/// The Docker config file to read: the flag, else `$DOCKER_CONFIG/config.json` if set.
+fn docker_config_path(flag: Option<&std::path::Path>) -> Option<PathBuf> {
+    flag.map(PathBuf::from)
+        .or_else(|| std::env::var_os("DOCKER_CONFIG").map(|d| PathBuf::from(d).join("config.json")))
+}
+
 fn parse_credentials(raw: &[String]) -> Result<HashMap<String, Credentials>, ConfigError> {
     let mut map = HashMap::new();
     for entry in raw.iter().filter(|e| !e.trim().is_empty()) {
@@ -274,17 +375,8 @@ fn parse_credentials(raw: &[String]) -> Result<HashMap<String, Credentials>, Con
         let bad = || ConfigError("a --credentials entry is not HOST=USER:PASSWORD".into());
         let (host, secret) = entry.split_once('=').ok_or_else(bad)?;
         let (username, password) = secret.split_once(':').ok_or_else(bad)?;
-        let host = match host.trim().to_ascii_lowercase().as_str() {
-            "ghcr" => "ghcr.io".to_owned(),
-            h => h.to_owned(),
-        };
-        map.insert(
-            host,
-            Credentials {
-                username: username.to_owned(),
-                password: password.to_owned(),
-            },
-        );
+        let host = crate::credentials::normalize_host(host);
+        map.insert(host, Credentials::new(username, password));
     }
     Ok(map)
 }

@@ -22,6 +22,7 @@
 pub mod api;
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod metrics;
 pub mod model;
 pub mod refresh;

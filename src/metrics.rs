@@ -57,6 +57,13 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub registry: String,
+    /// `backoff` (rate-limited) or `breaker_open`.
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
     pub tier: &'static str,
 }
@@ -70,6 +77,9 @@ pub struct Metrics {
     pub refresh_errors: Family<RegistryLabels, Counter>,
     pub cache_entries: Family<TierLabels, Gauge>,
     pub digests_cached: Gauge,
+    pub refused: Family<RefusalLabels, Counter>,
+    pub rate_limit: Family<RegistryLabels, Gauge>,
+    pub rate_remaining: Family<RegistryLabels, Gauge>,
 }
 
 impl Metrics {
@@ -84,6 +94,9 @@ impl Metrics {
             refresh_errors: Family::default(),
             cache_entries: Family::default(),
             digests_cached: Gauge::default(),
+            refused: Family::default(),
+            rate_limit: Family::default(),
+            rate_remaining: Family::default(),
         };
         let mut registry = Registry::with_prefix("tag_proxy");
         registry.register(
@@ -116,7 +129,50 @@ impl Metrics {
             "Manifest digests whose platforms and dates are known (on disk)",
             metrics.digests_cached.clone(),
         );
+        registry.register(
+            "upstream_refused",
+            "Upstream requests not sent because the host was backing off or its breaker was open",
+            metrics.refused.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_limit",
+            "The request limit a registry last announced (ratelimit-limit / X-RateLimit-Limit)",
+            metrics.rate_limit.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "Requests a registry last said were left (ratelimit-remaining / X-RateLimit-Remaining)",
+            metrics.rate_remaining.clone(),
+        );
         (metrics, registry)
+    }
+
+    pub fn count_refusal(&self, registry: &str, refusal: crate::upstream::politeness::Refusal) {
+        use crate::upstream::politeness::Refusal;
+        let reason = match refusal {
+            Refusal::BackingOff(_) => "backoff",
+            Refusal::BreakerOpen(_) => "breaker_open",
+        };
+        self.refused
+            .get_or_create(&RefusalLabels {
+                registry: registry.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Exports a registry's announced rate limit (`which` is `limit` or `remaining`).
+    pub fn set_rate_limit(&self, registry: &str, which: &str, value: u64) {
+        let family = if which == "limit" {
+            &self.rate_limit
+        } else {
+            &self.rate_remaining
+        };
+        family
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_owned(),
+            })
+            .set(i64::try_from(value).unwrap_or(i64::MAX));
     }
 
     pub fn count_request(&self, registry: &str, status: RequestStatus) {

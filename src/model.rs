@@ -190,18 +190,25 @@ pub struct TagList {
     pub truncated: bool,
     #[serde(with = "rfc3339")]
     pub fetched_at: DateTime<Utc>,
+    /// When the upstream's whole list was last walked (Docker Hub refreshes may stop early at
+    /// the first unchanged page; deletions are only seen on a whole walk).
+    #[serde(default, with = "rfc3339_opt")]
+    pub walked_at: Option<DateTime<Utc>>,
 }
 
 impl TagList {
     /// Sorts newest first (unknown dates last, ties by name) and keeps at most `max_tags`.
+    /// The list counts as a whole walk of the upstream.
     pub fn new(mut tags: Vec<Tag>, truncated: bool, max_tags: usize) -> TagList {
         sort_newest_first(&mut tags);
         let truncated = truncated || tags.len() > max_tags;
         tags.truncate(max_tags);
+        let now = Utc::now();
         TagList {
             tags,
             truncated,
-            fetched_at: Utc::now(),
+            fetched_at: now,
+            walked_at: Some(now),
         }
     }
 }

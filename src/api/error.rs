@@ -4,6 +4,7 @@
 //! never a credential or token (URLs are shown without their query, see `display_url`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -42,6 +43,7 @@ impl ApiError {
                 UpstreamError::Denied { .. } => StatusCode::FORBIDDEN,
                 UpstreamError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
                 UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 UpstreamError::Status { .. }
                 | UpstreamError::Network { .. }
                 | UpstreamError::Malformed { .. }
@@ -75,12 +77,21 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if let ApiError::Upstream(e) = &self
-            && let UpstreamError::RateLimited { retry_after, .. } = e.as_ref()
-        {
-            let secs = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(60);
+        let retry_after = match &self {
+            ApiError::Upstream(e) => match e.as_ref() {
+                UpstreamError::RateLimited { retry_after, .. } => {
+                    Some(retry_after.unwrap_or(Duration::from_secs(60)))
+                }
+                UpstreamError::Unavailable { retry_after, .. } => Some(*retry_after),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(wait) = retry_after {
+            // Round up: `Retry-After: 0` would invite an immediate retry.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         resp
     }
@@ -89,7 +100,6 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn up(e: UpstreamError) -> ApiError {
         ApiError::Upstream(Arc::new(e))

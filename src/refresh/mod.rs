@@ -100,7 +100,7 @@ impl Refresher {
         &self,
         image: &ImageRef,
     ) -> Result<(Arc<CachedTags>, CacheStatus), Arc<UpstreamError>> {
-        let key = image.cache_key();
+        let key = self.cache_key(image);
         if let Some(entry) = self.inner.cache.get(&key).await {
             if self.is_fresh(&entry) {
                 return Ok((entry, CacheStatus::Hit));
@@ -113,6 +113,14 @@ impl Refresher {
         }
         let entry = self.fetch(image, &key).await?;
         Ok((entry, CacheStatus::Miss))
+    }
+
+    /// The image's cache key, with the fingerprint of the credentials used for its registry.
+    fn cache_key(&self, image: &ImageRef) -> String {
+        match self.inner.upstream.credential_fingerprint(&image.registry) {
+            Some(fp) => format!("{}@{fp}", image.cache_key()),
+            None => image.cache_key(),
+        }
     }
 
     fn is_fresh(&self, entry: &CachedTags) -> bool {
@@ -145,14 +153,16 @@ impl Refresher {
     /// The one fetch for an image: re-checks the cache (a fetch that just finished may have
     /// filled it), asks the registry, stores the answer or remembers the failure.
     async fn fetch_and_store(&self, image: ImageRef, key: String) -> FetchResult {
-        if let Some(entry) = self.inner.cache.get(&key).await
-            && self.is_fresh(&entry)
+        let previous = self.inner.cache.get(&key).await;
+        if let Some(entry) = &previous
+            && self.is_fresh(entry)
         {
-            return Ok(entry);
+            return Ok(entry.clone());
         }
         let label = image.registry.label().to_owned();
         let started = Instant::now();
-        let result = self.inner.upstream.fetch_tags(&image).await;
+        let previous_list = previous.as_ref().map(|p| &p.list);
+        let result = self.inner.upstream.fetch_tags(&image, previous_list).await;
         self.inner
             .metrics
             .observe_fetch(&label, started.elapsed().as_secs_f64());

@@ -263,18 +263,15 @@ impl Authenticator {
         base: &Url,
         host: &str,
     ) -> Result<CachedToken, UpstreamError> {
-        let mut url = self.realm_url(&key.realm, base).await?;
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(service) = &key.service {
-                q.append_pair("service", service);
-            }
-            q.append_pair("scope", &key.scope);
-        }
-        let mut req = Request::get(url, UpstreamKind::token, host);
-        if let Some(basic) = self.basic(host) {
-            req = req.header(header::AUTHORIZATION, basic);
-        }
+        let url = self.realm_url(&key.realm, base).await?;
+        let identity = self
+            .credentials
+            .get(host)
+            .and_then(|c| c.identity_token.as_deref());
+        let req = match identity {
+            Some(refresh_token) => oauth_request(url, key, refresh_token, host),
+            None => self.get_token_request(url, key, host),
+        };
         let resp = self.http.send(req).await?;
         if !resp.status.is_success() {
             return Err(resp.error());
@@ -307,6 +304,22 @@ impl Authenticator {
         })
     }
 
+    /// The token spec's GET: `?service=..&scope=..`, with Basic credentials when configured.
+    fn get_token_request(&self, mut url: Url, key: &TokenKey, host: &str) -> Request {
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(service) = &key.service {
+                q.append_pair("service", service);
+            }
+            q.append_pair("scope", &key.scope);
+        }
+        let mut req = Request::get(url, UpstreamKind::token, host);
+        if let Some(basic) = self.basic(host) {
+            req = req.header(header::AUTHORIZATION, basic);
+        }
+        req
+    }
+
     /// The realm must be an http(s) URL; it may not downgrade https, and a realm on another
     /// origin must pass the private-address check like any other place a registry sends us.
     async fn realm_url(&self, realm: &str, base: &Url) -> Result<Url, UpstreamError> {
@@ -329,6 +342,26 @@ impl Authenticator {
         }
         Ok(url)
     }
+}
+
+/// The OAuth2 form of the token spec, for Docker's `identitytoken`: a refresh token POSTed
+/// as `grant_type=refresh_token`.
+fn oauth_request(url: Url, key: &TokenKey, refresh_token: &str, host: &str) -> Request {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("grant_type", "refresh_token")
+        .append_pair("refresh_token", refresh_token)
+        .append_pair("client_id", "oci-tag-proxy")
+        .append_pair("scope", &key.scope);
+    if let Some(service) = &key.service {
+        form.append_pair("service", service);
+    }
+    let mut req = Request::get(url, UpstreamKind::token, host).header(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    req.method = reqwest::Method::POST;
+    req.body = Some(bytes::Bytes::from(form.finish()));
+    req
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
-use tokio::sync::Semaphore;
 use url::{Host, Url};
 
+use super::politeness::{BreakerConfig, HostState, Refusal, with_jitter};
 use super::{UpstreamError, display_url};
 use crate::config::Settings;
 use crate::metrics::{Metrics, UpstreamKind};
@@ -26,6 +26,7 @@ const MAX_REDIRECTS: usize = 5;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// One request to send.
+#[derive(Clone)]
 pub struct Request {
     pub method: Method,
     pub url: Url,
@@ -33,6 +34,8 @@ pub struct Request {
     pub kind: UpstreamKind,
     /// The registry label for metrics (`docker`, `ghcr`, host).
     pub registry: String,
+    /// A request body (token POSTs only); never followed across a redirect.
+    pub body: Option<Bytes>,
 }
 
 impl Request {
@@ -43,6 +46,7 @@ impl Request {
             headers: HeaderMap::new(),
             kind,
             registry: registry.to_owned(),
+            body: None,
         }
     }
 
@@ -143,9 +147,12 @@ fn httpdate_parse(s: &str) -> Result<std::time::SystemTime, ()> {
 /// The shared client. Cheap to share behind an `Arc`.
 pub struct HttpClient {
     client: reqwest::Client,
-    /// One semaphore per upstream host: the per-host concurrency cap.
-    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per upstream origin: concurrency cap, rate cap, back-off and breaker.
+    hosts: Mutex<HashMap<String, Arc<HostState>>>,
     concurrency: usize,
+    rate_per_sec: Option<u32>,
+    breaker: BreakerConfig,
+    retries: u32,
     timeout: Duration,
     max_body: usize,
     allow_private: bool,
@@ -171,6 +178,12 @@ impl HttpClient {
             client,
             hosts: Mutex::new(HashMap::new()),
             concurrency: settings.upstream_concurrency,
+            rate_per_sec: settings.upstream_rate_limit,
+            breaker: BreakerConfig {
+                threshold: settings.breaker_threshold,
+                cooldown: settings.breaker_cooldown,
+            },
+            retries: settings.upstream_retries,
             timeout: settings.upstream_timeout,
             max_body: settings.max_body_bytes,
             allow_private: settings.allow_private_networks,
@@ -183,8 +196,37 @@ impl HttpClient {
         self.concurrency
     }
 
-    /// Sends `req`, following redirects, and reads the body, all within the time budget.
+    /// Sends `req` politely: not during the host's back-off or while its breaker is open,
+    /// within its rate cap, retrying transient failures (connection errors, time-outs, 5xx) a
+    /// bounded number of times with jittered back-off. Redirects are followed and the body read
+    /// within one time budget per attempt.
     pub async fn send(&self, req: Request) -> Result<Response, UpstreamError> {
+        let host = self.host(&req.url);
+        if let Err(refusal) = host.admit() {
+            self.metrics.count_refusal(&req.registry, refusal);
+            return Err(refusal_error(refusal, &req.url));
+        }
+        let mut attempt = 0;
+        loop {
+            host.pace().await;
+            let result = self.attempt(req.clone()).await;
+            if let Ok(resp) = &result {
+                self.observe_limits(&host, &req.registry, resp);
+            }
+            let transient = is_transient(&result);
+            if transient && attempt < self.retries {
+                attempt += 1;
+                let wait = with_jitter(RETRY_BASE.saturating_mul(1 << attempt.min(10)));
+                tracing::debug!(url = %display_url(&req.url), attempt, ?wait, "retrying");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            host.record(transient);
+            return result;
+        }
+    }
+
+    async fn attempt(&self, req: Request) -> Result<Response, UpstreamError> {
         let shown = display_url(&req.url);
         let timeout = self.timeout;
         match tokio::time::timeout(timeout, self.send_following(req)).await {
@@ -196,10 +238,32 @@ impl HttpClient {
         }
     }
 
+    /// Rate-limit signals: a 429, or a "0 remaining" header, backs the host off; the limit
+    /// headers are exported as gauges.
+    fn observe_limits(&self, host: &HostState, registry: &str, resp: &Response) {
+        let limit = rate_header(&resp.headers, &["ratelimit-limit", "x-ratelimit-limit"]);
+        let remaining = rate_header(
+            &resp.headers,
+            &["ratelimit-remaining", "x-ratelimit-remaining"],
+        );
+        if let Some(limit) = limit {
+            self.metrics.set_rate_limit(registry, "limit", limit);
+        }
+        if let Some(remaining) = remaining {
+            self.metrics
+                .set_rate_limit(registry, "remaining", remaining);
+        }
+        if resp.status == StatusCode::TOO_MANY_REQUESTS || remaining == Some(0) {
+            let wait = host.rate_limited(retry_after(&resp.headers).or_else(|| reset_in(resp)));
+            tracing::warn!(url = %display_url(&resp.url), status = resp.status.as_u16(),
+                wait_s = wait.as_secs(), "registry rate limit: backing off this host");
+        }
+    }
+
     async fn send_following(&self, mut req: Request) -> Result<Response, UpstreamError> {
         for _ in 0..=MAX_REDIRECTS {
             // The host's permit is held until the body is read: the cap counts whole requests.
-            let permit = self.host_semaphore(&req.url).acquire_owned().await;
+            let permit = self.host(&req.url).semaphore.clone().acquire_owned().await;
             let resp = self.send_once(&req).await?;
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 let done = self.finish(resp, &req).await;
@@ -211,9 +275,12 @@ impl HttpClient {
             self.check_redirect(&req.url, &next).await?;
             if origin(&next) != origin(&req.url) {
                 req.headers.remove(header::AUTHORIZATION);
+                // A body (a token request) carries a secret too: it never crosses origins.
+                req.body = None;
             }
             if resp.status() == StatusCode::SEE_OTHER && req.method != Method::HEAD {
                 req.method = Method::GET;
+                req.body = None;
             }
             req.url = next;
         }
@@ -224,12 +291,14 @@ impl HttpClient {
     }
 
     async fn send_once(&self, req: &Request) -> Result<reqwest::Response, UpstreamError> {
-        let result = self
+        let mut builder = self
             .client
             .request(req.method.clone(), req.url.clone())
-            .headers(req.headers.clone())
-            .send()
-            .await;
+            .headers(req.headers.clone());
+        if let Some(body) = &req.body {
+            builder = builder.body(body.clone());
+        }
+        let result = builder.send().await;
         let status = match &result {
             Ok(r) => r.status().as_u16().to_string(),
             Err(e) if e.is_timeout() => "timeout".to_owned(),
@@ -263,13 +332,29 @@ impl HttpClient {
         })
     }
 
-    fn host_semaphore(&self, url: &Url) -> Arc<Semaphore> {
+    fn host(&self, url: &Url) -> Arc<HostState> {
         let key = origin(url);
         let mut hosts = self.hosts.lock().expect("host map lock");
         hosts
             .entry(key)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.concurrency)))
+            .or_insert_with(|| {
+                Arc::new(HostState::new(
+                    self.concurrency,
+                    self.rate_per_sec,
+                    self.breaker,
+                ))
+            })
             .clone()
+    }
+
+    /// Origins whose circuit breaker is open now.
+    pub fn open_breakers(&self) -> Vec<String> {
+        let hosts = self.hosts.lock().expect("host map lock");
+        hosts
+            .iter()
+            .filter(|(_, h)| h.is_open())
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// A redirect may not downgrade to plain HTTP nor, unless allowed, reach a private address.
@@ -317,6 +402,51 @@ impl HttpClient {
         }
         Ok(())
     }
+}
+
+/// The first retry waits about this long; each further one twice as long (plus jitter).
+const RETRY_BASE: Duration = Duration::from_millis(100);
+
+/// Connection failures, time-outs and 5xx are worth another try; nothing else is.
+fn is_transient(result: &Result<Response, UpstreamError>) -> bool {
+    match result {
+        Ok(r) => matches!(r.status.as_u16(), 500 | 502 | 503 | 504),
+        Err(UpstreamError::Network { .. } | UpstreamError::Timeout { .. }) => true,
+        Err(_) => false,
+    }
+}
+
+fn refusal_error(refusal: Refusal, url: &Url) -> UpstreamError {
+    match refusal {
+        Refusal::BackingOff(wait) => UpstreamError::RateLimited {
+            status: 429,
+            url: display_url(url),
+            retry_after: Some(wait),
+        },
+        Refusal::BreakerOpen(wait) => UpstreamError::Unavailable {
+            url: display_url(url),
+            retry_after: wait,
+        },
+    }
+}
+
+/// The leading number of a rate-limit header: `100;w=21600` (registry) or `180` (Hub API).
+/// Malformed values (`;w=21600`) are ignored.
+fn rate_header(headers: &HeaderMap, names: &[&str]) -> Option<u64> {
+    names.iter().find_map(|n| {
+        let v = headers.get(*n)?.to_str().ok()?;
+        v.split([';', ',']).next()?.trim().parse().ok()
+    })
+}
+
+/// Docker Hub's API says when its window resets (`X-RateLimit-Reset`, unix seconds).
+fn reset_in(resp: &Response) -> Option<Duration> {
+    let reset: u64 = resp.header_str("x-ratelimit-reset")?.trim().parse().ok()?;
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(reset);
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::from_secs(1)),
+    )
 }
 
 /// `scheme://host:port`, the unit of "same origin".
@@ -478,6 +608,27 @@ mod tests {
         assert!(
             d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
             "{d:?}"
+        );
+    }
+
+    #[test]
+    fn rate_limit_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "ratelimit-remaining",
+            HeaderValue::from_static("76;w=21600"),
+        );
+        h.insert("x-ratelimit-limit", HeaderValue::from_static("180"));
+        assert_eq!(rate_header(&h, &["ratelimit-remaining"]), Some(76));
+        assert_eq!(
+            rate_header(&h, &["ratelimit-limit", "x-ratelimit-limit"]),
+            Some(180)
+        );
+        h.insert("ratelimit-limit", HeaderValue::from_static(";w=21600"));
+        assert_eq!(
+            rate_header(&h, &["ratelimit-limit"]),
+            None,
+            "malformed is ignored"
         );
     }
 

@@ -11,6 +11,7 @@ pub mod http;
 pub mod link;
 pub mod manifest;
 pub mod oci;
+pub mod politeness;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,9 @@ pub enum UpstreamError {
     /// Any other unexpected status.
     #[error("{url} answered {status}")]
     Status { status: u16, url: String },
+    /// The host kept failing; its circuit breaker is open.
+    #[error("{url}: the registry kept failing; not asking it again for {}s", retry_after.as_secs().max(1))]
+    Unavailable { url: String, retry_after: Duration },
     /// The connection failed.
     #[error("could not reach {url}: {reason}")]
     Network { url: String, reason: String },
@@ -69,6 +73,7 @@ pub fn display_url(url: &Url) -> String {
 /// Fetches tag lists from whichever registry an image lives in.
 pub struct Upstream {
     http: Arc<http::HttpClient>,
+    credentials: std::collections::HashMap<String, crate::config::Credentials>,
     hub: dockerhub::DockerHub,
     oci: oci::OciRegistry,
 }
@@ -83,16 +88,31 @@ impl Upstream {
         Upstream {
             hub: dockerhub::DockerHub::new(http.clone(), settings),
             oci: oci::OciRegistry::new(http.clone(), auth, digests, settings),
+            credentials: settings.credentials.clone(),
             http,
         }
     }
 
-    /// Fetches the whole, current tag list of `image` from its registry.
+    /// Fetches the current tag list of `image` from its registry. `previous`, the answer being
+    /// refreshed, lets Docker Hub stop at the first unchanged page.
     #[tracing::instrument(skip_all, fields(registry = %image.registry, image = %image.repository))]
-    pub async fn fetch_tags(&self, image: &ImageRef) -> Result<TagList, UpstreamError> {
+    pub async fn fetch_tags(
+        &self,
+        image: &ImageRef,
+        previous: Option<&TagList>,
+    ) -> Result<TagList, UpstreamError> {
         match &image.registry {
-            Registry::DockerHub => self.hub.fetch_tags(&image.repository).await,
+            Registry::DockerHub => self.hub.fetch_tags(&image.repository, previous).await,
             Registry::Oci(host) => self.oci.fetch_tags(host, &image.repository).await,
+        }
+    }
+
+    /// A fingerprint of the credentials used for `registry`, if any: part of the cache key, so
+    /// an answer fetched with credentials is never served under another configuration's key.
+    pub fn credential_fingerprint(&self, registry: &Registry) -> Option<String> {
+        match registry {
+            Registry::DockerHub => self.hub.credential_fingerprint(),
+            Registry::Oci(host) => self.credentials.get(host).map(|c| c.fingerprint()),
         }
     }
 

@@ -199,27 +199,38 @@ async fn upstream_failures_map_to_502_and_504() {
         &["--upstream-timeout", "1s", "--max-body-bytes", "65536"],
     )
     .await;
-    let cases: Vec<(Failure, u16, &str)> = vec![
-        (Failure::html(503), 502, "503"),
-        (Failure::Status(500, "{}".into()), 502, "500"),
-        (Failure::Truncated, 502, "invalid JSON"),
-        (Failure::WrongContentType, 502, "content type"),
-        (Failure::Huge(1_000_000), 502, "larger than"),
-        (Failure::Disconnect, 502, ""),
-        (Failure::Hang(Duration::from_secs(3)), 504, "did not answer"),
+    // Transient failures are retried twice, so they must fail three times to show; malformed
+    // answers and refused redirects are not retried.
+    let cases: Vec<(Failure, usize, u16, &str)> = vec![
+        (Failure::html(503), 3, 502, "503"),
+        (Failure::Status(500, "{}".into()), 3, 502, "500"),
+        (Failure::Truncated, 1, 502, "invalid JSON"),
+        (Failure::WrongContentType, 1, 502, "content type"),
+        (Failure::Huge(1_000_000), 1, 502, "larger than"),
+        (Failure::Disconnect, 3, 502, ""),
+        (
+            Failure::Hang(Duration::from_secs(3)),
+            3,
+            504,
+            "did not answer",
+        ),
+        // The redirect target refuses connections: a network error, so retried.
         (
             Failure::Redirect("http://127.0.0.1:1/elsewhere".into()),
+            3,
             502,
             "127.0.0.1:1",
         ),
     ];
-    for (failure, status, needle) in cases {
+    for (failure, times, status, needle) in cases {
         let label = format!("{failure:?}");
-        hub.fail_next(1, failure);
+        hub.reset_counts();
+        hub.fail_next(times, failure);
         let resp = app.get("/tags?image=acme/app").await;
         assert_eq!(resp.status(), status, "{label}");
         let text = resp.text().await.unwrap();
         assert!(text.contains(needle), "{label}: {text}");
+        assert_eq!(hub.count(), times, "{label}: attempts");
     }
     // After all that, a good answer still comes through.
     let (_, body) = app.tags("image=acme/app").await;

@@ -505,7 +505,8 @@ async fn upstream_faults_map_to_statuses() {
     assert_eq!(resp.headers()["retry-after"], "7");
     tokio::time::sleep(Duration::from_secs(7)).await;
 
-    proxy.fault(Fault::unavailable(Kind::ManifestHead).times(1));
+    // Transient failures are retried twice: three in a row are needed to show.
+    proxy.fault(Fault::unavailable(Kind::ManifestHead).times(3));
     let resp = app.get(&path).await;
     assert_eq!(resp.status(), 502);
     assert!(resp.text().await.unwrap().contains("503"));
@@ -513,7 +514,7 @@ async fn upstream_faults_map_to_statuses() {
     proxy.fault(
         Fault::on(Kind::ManifestGet)
             .delay(Duration::from_secs(3))
-            .times(1),
+            .times(3),
     );
     let resp = app.get(&path).await;
     assert_eq!(resp.status(), 504);

@@ -632,6 +632,8 @@ struct FakeState {
     repos: HashMap<String, Repo>,
     next_id: u64,
     token: Option<String>,
+    /// `POST /v2/auth/token`: (identifier, secret, access token handed out).
+    login: Option<(String, String, String)>,
     escape_html: bool,
     rate: RateWindow,
     script: VecDeque<Failure>,
@@ -646,6 +648,7 @@ impl Default for FakeState {
             repos: HashMap::new(),
             next_id: 1_000_000,
             token: None,
+            login: None,
             escape_html: true,
             rate: RateWindow::new(DEFAULT_RATE_LIMIT),
             script: VecDeque::new(),
@@ -739,6 +742,13 @@ impl HubFake {
 
     pub fn clear_token(&self) {
         self.state().token = None;
+    }
+
+    /// Enables `POST /v2/auth/token` (latest.yaml "Create an authentication token"): the body
+    /// `{"identifier": .., "secret": ..}` matching these gets `200 {"access_token": token}`, and
+    /// `token` becomes the accepted bearer token; anything else gets 401.
+    pub fn set_login(&self, identifier: &str, secret: &str, token: &str) {
+        self.state().login = Some((identifier.into(), secret.into(), token.into()));
     }
 
     /// Requests allowed per 60-second window (default 180). Every normally answered request
@@ -914,6 +924,7 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v2/repositories/{ns}/{repo}/tags", get(list_tags))
         .route("/v2/repositories/{ns}/{repo}/tags/", get(list_tags))
+        .route("/v2/auth/token", axum::routing::post(login))
         .with_state(shared)
 }
 
@@ -952,6 +963,39 @@ struct Call {
     path: String,
     params: BTreeMap<String, Vec<String>>,
     authorization: Option<String>,
+}
+
+/// `POST /v2/auth/token`: the Hub API login. Recorded like every request (path `/v2/auth/token`).
+async fn login(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) -> Response {
+    let request = HubRequest {
+        method: Method::POST,
+        path: uri.path().to_owned(),
+        query: String::new(),
+        authorization: None,
+        at: Instant::now(),
+    };
+    let _ = shared.arrive(request);
+    let sent: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut state = shared.state();
+    let Some((id, secret, token)) = state.login.clone() else {
+        return (StatusCode::NOT_FOUND, "login not enabled in this fake").into_response();
+    };
+    if sent["identifier"] == id.as_str() && sent["secret"] == secret.as_str() {
+        state.token = Some(token.clone());
+        let body = serde_json::json!({ "access_token": token });
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
+    }
+    let body = r#"{"detail":"Incorrect authentication credentials"}"#;
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn list_tags(
