@@ -17,6 +17,9 @@ mod dockerhub;
 // The service against the real distribution registry on loopback.
 mod oci_registry;
 
+// Back-off, retries, breaker, rate cap, credentials, incremental refresh.
+mod politeness;
+
 // Self-tests of the test harness: the fakes and the real registry behave as the reference says.
 mod selftest_hub;
 mod selftest_registry;
