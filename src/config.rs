@@ -151,6 +151,16 @@ pub struct Cli {
     #[arg(long, env = "TAG_PROXY_INCLUDE_ARTIFACT_TAGS")]
     pub include_artifact_tags: bool,
 
+    /// Redis (or Valkey) URL, e.g. `redis://127.0.0.1:6379/0`: the tier that several replicas
+    /// share. Without it the embedded store is the only persistent tier.
+    #[arg(long, env = "TAG_PROXY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// How long an image's cluster-wide refresh lock lives without renewal (it is renewed
+    /// while the refresh runs; a replica that dies frees it after this long).
+    #[arg(long, env = "TAG_PROXY_REDIS_LOCK_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub redis_lock_ttl: Duration,
+
     /// Most images kept in the in-memory tier.
     #[arg(long, env = "TAG_PROXY_MEMORY_ENTRIES", default_value_t = 10_000)]
     pub memory_entries: u64,
@@ -242,6 +252,8 @@ pub struct Settings {
     pub max_scan_tags: usize,
     pub include_artifact_tags: bool,
     pub memory_entries: u64,
+    pub redis_url: Option<String>,
+    pub redis_lock_ttl: Duration,
 }
 
 impl fmt::Debug for Settings {
@@ -262,6 +274,7 @@ impl fmt::Debug for Settings {
             .field("credentials", &self.credentials)
             .field("upstream_concurrency", &self.upstream_concurrency)
             .field("upstream_timeout", &self.upstream_timeout)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
     }
 }
@@ -334,6 +347,8 @@ impl TryFrom<Cli> for Settings {
             max_scan_tags: cli.max_scan_tags,
             include_artifact_tags: cli.include_artifact_tags,
             memory_entries: cli.memory_entries,
+            redis_url: cli.redis_url.filter(|u| !u.is_empty()),
+            redis_lock_ttl: cli.redis_lock_ttl,
         })
     }
 }

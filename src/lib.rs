@@ -10,7 +10,8 @@
 //! - [`api`]: the HTTP routes (`/tags`, `/tags/latest`, `/metrics`, `/healthz`, `/readyz`,
 //!   `/openapi.json`), error answers, ETags and compression.
 //! - [`refresh`]: cache or registry? Stale-while-revalidate, stale-if-error, single flight.
-//! - [`cache`]: the memory tier (`moka`) over the embedded disk tier (`redb`).
+//! - [`cache`]: the memory tier (`moka`) over the shared tier (Redis, optional) and the
+//!   embedded disk tier (`redb`).
 //! - [`upstream`]: the Docker Hub API and the OCI distribution protocol, auth, and the
 //!   careful HTTP client they share.
 //! - [`metrics`]: every Prometheus metric.
@@ -37,9 +38,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::disk::DiskStore;
+use crate::cache::redis::SharedTier;
 use crate::cache::{DigestCache, TagCache};
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -57,6 +60,8 @@ pub enum StartError {
         dir: String,
         source: cache::disk::DiskError,
     },
+    #[error("invalid Redis URL: {0}")]
+    Redis(String),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -72,14 +77,41 @@ pub async fn serve(
         dir: settings.dir.display().to_string(),
         source,
     })?;
+    let shared = match &settings.redis_url {
+        Some(url) => Some(
+            SharedTier::new(url, settings.redis_lock_ttl)
+                .map_err(|e| StartError::Redis(e.to_string()))?,
+        ),
+        None => None,
+    };
     let (metrics, registry) = Metrics::new();
     let tracker = TaskTracker::new();
-    let digests = DigestCache::new(disk.clone(), settings.memory_entries.saturating_mul(10));
+    let stop = CancellationToken::new();
+    let digests = DigestCache::new(
+        disk.clone(),
+        shared.clone(),
+        settings.memory_entries.saturating_mul(10),
+    );
     let upstream = Upstream::new(&settings, metrics.clone(), digests);
+    let tags = TagCache::new(disk, shared.clone(), settings.memory_entries);
+    if let Some(shared) = &shared {
+        let (on_update, on_resync) = (tags.clone(), tags.clone());
+        shared.spawn_listener(
+            &tracker,
+            stop.clone(),
+            move |key| {
+                let tags = on_update.clone();
+                let key = key.to_owned();
+                tokio::spawn(async move { tags.forget(&key).await });
+            },
+            move || on_resync.forget_all(),
+        );
+    }
     let refresher = Refresher::new(
-        TagCache::new(disk, settings.memory_entries),
+        tags,
         upstream,
         settings.refresh_interval,
+        settings.redis_lock_ttl,
         metrics.clone(),
         tracker.clone(),
     );
@@ -93,6 +125,7 @@ pub async fn serve(
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown)
         .await?;
+    stop.cancel();
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
         .await

@@ -80,6 +80,7 @@ pub struct Metrics {
     pub refused: Family<RefusalLabels, Counter>,
     pub rate_limit: Family<RegistryLabels, Gauge>,
     pub rate_remaining: Family<RegistryLabels, Gauge>,
+    pub redis_up: Gauge,
 }
 
 impl Metrics {
@@ -97,6 +98,7 @@ impl Metrics {
             refused: Family::default(),
             rate_limit: Family::default(),
             rate_remaining: Family::default(),
+            redis_up: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("tag_proxy");
         registry.register(
@@ -143,6 +145,11 @@ impl Metrics {
             "upstream_ratelimit_remaining",
             "Requests a registry last said were left (ratelimit-remaining / X-RateLimit-Remaining)",
             metrics.rate_remaining.clone(),
+        );
+        registry.register(
+            "redis_up",
+            "1 when the shared Redis tier answered its last operation, 0 when it did not",
+            metrics.redis_up.clone(),
         );
         (metrics, registry)
     }

@@ -14,15 +14,27 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the cache database answers.
+/// Ready when the cache database answers. The body details degradations that do not stop
+/// the service from answering: Redis down, registries whose circuit breaker is open.
 #[utoipa::path(get, path = "/readyz", responses(
     (status = 200, description = "ready, with details", body = String, content_type = "text/plain"),
     (status = 503, description = "not ready, with the reason", body = String, content_type = "text/plain")))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
+    let redis = match app.refresher.cache().shared() {
+        None => "",
+        Some(s) if s.is_up() => "; redis: up",
+        Some(_) => "; redis: DOWN (degraded: serving from memory and disk, reconnecting)",
+    };
+    let breakers = app.refresher.upstream().http().open_breakers();
+    let breakers = if breakers.is_empty() {
+        String::new()
+    } else {
+        format!("; circuit open for: {}", breakers.join(", "))
+    };
     match app.refresher.cache().disk().len(Table::Tags).await {
         Ok(n) => (
             StatusCode::OK,
-            format!("ready: disk cache ok ({n} images)\n"),
+            format!("ready: disk cache ok ({n} images){redis}{breakers}\n"),
         )
             .into_response(),
         Err(e) => {
@@ -44,6 +56,9 @@ pub async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> Respons
         .set_cache_entries("memory", cache.memory_entries());
     if let Ok(n) = cache.disk().len(Table::Tags).await {
         app.metrics.set_cache_entries("disk", n);
+    }
+    if let Some(shared) = cache.shared() {
+        app.metrics.redis_up.set(i64::from(shared.is_up()));
     }
     if let Ok(n) = cache.disk().len(Table::Digests).await {
         app.metrics

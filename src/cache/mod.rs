@@ -1,11 +1,13 @@
-//! The cache tiers: a `moka` memory tier in front of the embedded `redb` disk tier.
+//! The cache tiers: a `moka` memory tier in front of the optional shared Redis tier and the
+//! embedded `redb` disk tier.
 //!
-//! Reads look in memory, then on disk (promoting what they find); writes go to disk first, then
-//! memory. Values on disk carry a format version: an entry of another version is a miss, never
+//! Reads look in memory, then in Redis and on disk (promoting what they find); writes go to
+//! every tier. Values on disk carry a format version: an entry of another version is a miss, never
 //! a crash. The memory tier keeps each tag list together with its serialized JSON body, so a hit
 //! is sent without re-serializing anything.
 
 pub mod disk;
+pub mod redis;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -18,6 +20,7 @@ use crate::model::TagList;
 use crate::upstream::UpstreamError;
 use crate::upstream::manifest::DigestInfo;
 use disk::{DiskStore, Table};
+use redis::{Kind, SharedTier};
 
 /// The on-disk format version of every value. Bump it when a stored type changes shape.
 const FORMAT_VERSION: u32 = 1;
@@ -98,26 +101,67 @@ impl CachedTags {
     }
 }
 
-/// Tag lists by image.
+/// Tag lists by image: memory, then the shared tier (Redis) when configured, then disk.
 #[derive(Clone)]
 pub struct TagCache {
     memory: moka::future::Cache<String, Arc<CachedTags>>,
+    shared: Option<SharedTier>,
     disk: DiskStore,
 }
 
 impl TagCache {
-    pub fn new(disk: DiskStore, memory_entries: u64) -> TagCache {
+    pub fn new(disk: DiskStore, shared: Option<SharedTier>, memory_entries: u64) -> TagCache {
         TagCache {
             memory: moka::future::Cache::new(memory_entries),
+            shared,
             disk,
         }
     }
 
-    /// The cached answer for `key`, from memory or disk. A disk failure is a miss (logged).
+    /// The cached answer for `key`, from memory, Redis or disk (the newer of the two when both
+    /// have it). A failing tier is a miss (logged).
     pub async fn get(&self, key: &str) -> Option<Arc<CachedTags>> {
         if let Some(hit) = self.memory.get(key).await {
             return Some(hit);
         }
+        let shared = self.get_shared(key).await;
+        let local = self.get_disk(key).await;
+        let entry = match (shared, local) {
+            (Some(s), Some(d)) if d.list.fetched_at > s.list.fetched_at => d,
+            (Some(s), _) => s,
+            (None, d) => d?,
+        };
+        self.memory.insert(key.to_owned(), entry.clone()).await;
+        Some(entry)
+    }
+
+    /// The shared tier's answer for `key`, bypassing memory (for replicas waiting on another
+    /// replica's fetch). Promoted to memory when found.
+    pub async fn get_shared(&self, key: &str) -> Option<Arc<CachedTags>> {
+        let bytes = self.shared.as_ref()?.get(Kind::Tags, key).await?;
+        Some(Arc::new(CachedTags::new(decode::<TagList>(key, &bytes)?)))
+    }
+
+    /// Puts an entry found elsewhere (the shared tier) into memory.
+    pub async fn promote(&self, key: &str, entry: Arc<CachedTags>) {
+        self.memory.insert(key.to_owned(), entry).await;
+    }
+
+    /// Drops the in-memory copy (another replica announced a fresher one).
+    pub async fn forget(&self, key: &str) {
+        self.memory.invalidate(key).await;
+    }
+
+    /// Drops every in-memory copy (announcements may have been missed).
+    pub fn forget_all(&self) {
+        self.memory.invalidate_all();
+    }
+
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    async fn get_disk(&self, key: &str) -> Option<Arc<CachedTags>> {
         let bytes = match self.disk.get(Table::Tags, key).await {
             Ok(b) => b?,
             Err(e) => {
@@ -125,14 +169,17 @@ impl TagCache {
                 return None;
             }
         };
-        let entry = Arc::new(CachedTags::new(decode::<TagList>(key, &bytes)?));
-        self.memory.insert(key.to_owned(), entry.clone()).await;
-        Some(entry)
+        Some(Arc::new(CachedTags::new(decode::<TagList>(key, &bytes)?)))
     }
 
-    /// Stores a fresh answer in both tiers. A disk failure is logged; memory still serves it.
+    /// Stores a fresh answer in every tier (and announces it to other replicas). A failing
+    /// tier is logged; the others still serve it.
     pub async fn put(&self, key: &str, list: TagList) -> Arc<CachedTags> {
-        if let Err(e) = self.disk.put(Table::Tags, key, encode(&list)).await {
+        let bytes = encode(&list);
+        if let Some(shared) = &self.shared {
+            shared.put(Kind::Tags, key, &bytes).await;
+        }
+        if let Err(e) = self.disk.put(Table::Tags, key, bytes).await {
             tracing::error!(key, error = %e, "disk cache write failed");
         }
         let entry = Arc::new(CachedTags::new(list));
@@ -153,13 +200,15 @@ impl TagCache {
 #[derive(Clone)]
 pub struct DigestCache {
     memory: moka::future::Cache<String, Arc<DigestInfo>>,
+    shared: Option<SharedTier>,
     disk: DiskStore,
 }
 
 impl DigestCache {
-    pub fn new(disk: DiskStore, memory_entries: u64) -> DigestCache {
+    pub fn new(disk: DiskStore, shared: Option<SharedTier>, memory_entries: u64) -> DigestCache {
         DigestCache {
             memory: moka::future::Cache::new(memory_entries),
+            shared,
             disk,
         }
     }
@@ -177,8 +226,19 @@ impl DigestCache {
             {
                 return Ok(Arc::new(info));
             }
+            if let Some(shared) = &self.shared
+                && let Some(bytes) = shared.get(Kind::Digest, digest).await
+                && let Some(info) = decode::<DigestInfo>(digest, &bytes)
+            {
+                let _ = self.disk.put(Table::Digests, digest, bytes).await;
+                return Ok(Arc::new(info));
+            }
             let info = fetch.await?;
-            if let Err(e) = self.disk.put(Table::Digests, digest, encode(&info)).await {
+            let bytes = encode(&info);
+            if let Some(shared) = &self.shared {
+                shared.put(Kind::Digest, digest, &bytes).await;
+            }
+            if let Err(e) = self.disk.put(Table::Digests, digest, bytes).await {
                 tracing::error!(digest, error = %e, "disk cache write failed");
             }
             Ok(Arc::new(info))
@@ -212,7 +272,7 @@ mod tests {
     async fn digest_fetch_runs_once_and_persists() {
         let dir = tempfile::tempdir().unwrap();
         let disk = DiskStore::open(dir.path()).unwrap();
-        let cache = DigestCache::new(disk.clone(), 100);
+        let cache = DigestCache::new(disk.clone(), None, 100);
         let info = DigestInfo {
             platforms: vec![],
             created: None,
@@ -222,7 +282,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(*got, info);
-        let again = DigestCache::new(disk, 100)
+        let again = DigestCache::new(disk, None, 100)
             .get_or_fetch("sha256:aa", async { panic!("must come from disk") })
             .await
             .unwrap();

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::redis::{Lock, SharedTier};
 use crate::cache::{CachedTags, TagCache};
 use crate::metrics::Metrics;
 use crate::model::ImageRef;
@@ -26,6 +27,8 @@ pub use coalesce::{Coalescer, FetchResult};
 
 /// After a failed background refresh, the next one waits at least this long.
 const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How often a replica waiting on another's refresh looks for its answer.
+const WAIT_POLL: Duration = Duration::from_millis(100);
 /// The longest a `Retry-After` is honoured for, whatever the registry says.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
@@ -58,6 +61,8 @@ struct Inner {
     upstream: Upstream,
     flights: Coalescer,
     refresh_interval: Duration,
+    /// How long a replica waits on another's refresh lock before taking over.
+    lock_ttl: Duration,
     metrics: Metrics,
     /// Per image: no upstream request before this instant (after a failure or a 429).
     /// A std mutex: never held across an await.
@@ -72,6 +77,7 @@ impl Refresher {
         cache: TagCache,
         upstream: Upstream,
         refresh_interval: Duration,
+        lock_ttl: Duration,
         metrics: Metrics,
         tracker: TaskTracker,
     ) -> Refresher {
@@ -81,6 +87,7 @@ impl Refresher {
                 upstream,
                 flights: Coalescer::new(tracker),
                 refresh_interval,
+                lock_ttl,
                 metrics,
                 quiet_until: Mutex::new(HashMap::new()),
             }),
@@ -150,8 +157,10 @@ impl Refresher {
         )
     }
 
-    /// The one fetch for an image: re-checks the cache (a fetch that just finished may have
-    /// filled it), asks the registry, stores the answer or remembers the failure.
+    /// The one fetch for an image (in this process): re-checks the cache (a fetch that just
+    /// finished may have filled it), then — with a shared tier — takes the image's cluster-wide
+    /// lock, so one replica at a time asks the registry while the others serve what they have
+    /// or wait for its answer.
     async fn fetch_and_store(&self, image: ImageRef, key: String) -> FetchResult {
         let previous = self.inner.cache.get(&key).await;
         if let Some(entry) = &previous
@@ -159,10 +168,74 @@ impl Refresher {
         {
             return Ok(entry.clone());
         }
+        let Some(shared) = self.inner.cache.shared().cloned() else {
+            return self.fetch_upstream(&image, &key, previous).await;
+        };
+        let deadline = Instant::now() + self.inner.lock_ttl * 4;
+        loop {
+            match shared.try_lock(&key).await {
+                Lock::Acquired(_guard) => {
+                    // Another replica may have finished just before we took the lock.
+                    if let Some(entry) = self.inner.cache.get_shared(&key).await
+                        && self.is_fresh(&entry)
+                    {
+                        self.inner.cache.promote(&key, entry.clone()).await;
+                        return Ok(entry);
+                    }
+                    return self.fetch_upstream(&image, &key, previous).await;
+                }
+                Lock::Unavailable => return self.fetch_upstream(&image, &key, previous).await,
+                Lock::Held => {
+                    if let Some(stale) = &previous {
+                        // Another replica is refreshing it; keep serving what we have.
+                        return Ok(stale.clone());
+                    }
+                    if let Some(entry) = self.wait_for_other(&shared, &key, deadline).await {
+                        return Ok(entry);
+                    }
+                    if Instant::now() >= deadline {
+                        return self.fetch_upstream(&image, &key, previous).await;
+                    }
+                    // The lock is gone without an answer (its holder failed or died): try again.
+                }
+            }
+        }
+    }
+
+    /// Waits while another replica holds the lock, until its answer appears in the shared tier
+    /// (`Some`) or the lock is gone (`None`).
+    async fn wait_for_other(
+        &self,
+        shared: &SharedTier,
+        key: &str,
+        deadline: Instant,
+    ) -> Option<Arc<CachedTags>> {
+        while Instant::now() < deadline {
+            tokio::time::sleep(WAIT_POLL).await;
+            if let Some(entry) = self.inner.cache.get_shared(key).await
+                && self.is_fresh(&entry)
+            {
+                self.inner.cache.promote(key, entry.clone()).await;
+                return Some(entry);
+            }
+            if shared.is_locked(key).await != Some(true) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Asks the registry, stores the answer or remembers the failure.
+    async fn fetch_upstream(
+        &self,
+        image: &ImageRef,
+        key: &str,
+        previous: Option<Arc<CachedTags>>,
+    ) -> FetchResult {
         let label = image.registry.label().to_owned();
         let started = Instant::now();
         let previous_list = previous.as_ref().map(|p| &p.list);
-        let result = self.inner.upstream.fetch_tags(&image, previous_list).await;
+        let result = self.inner.upstream.fetch_tags(image, previous_list).await;
         self.inner
             .metrics
             .observe_fetch(&label, started.elapsed().as_secs_f64());
@@ -172,14 +245,14 @@ impl Refresher {
                     .quiet_until
                     .lock()
                     .expect("quiet lock")
-                    .remove(&key);
+                    .remove(key);
                 tracing::info!(image = %image, tags = list.tags.len(), truncated = list.truncated,
                     elapsed_ms = started.elapsed().as_millis() as u64, "fetched from upstream");
-                Ok(self.inner.cache.put(&key, list).await)
+                Ok(self.inner.cache.put(key, list).await)
             }
             Err(e) => {
                 let e = Arc::new(e);
-                self.remember_failure(&key, &e);
+                self.remember_failure(key, &e);
                 tracing::warn!(image = %image, error = %e, "upstream fetch failed");
                 self.inner.metrics.count_refresh_error(&label);
                 Err(e)

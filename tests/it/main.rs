@@ -20,6 +20,9 @@ mod oci_registry;
 // Back-off, retries, breaker, rate cap, credentials, incremental refresh.
 mod politeness;
 
+// Several replicas sharing a real redis-server.
+mod replicas;
+
 // Self-tests of the test harness: the fakes and the real registry behave as the reference says.
 mod selftest_hub;
 mod selftest_registry;

@@ -4,4 +4,5 @@
 
 pub mod app;
 pub mod hub;
+pub mod redis;
 pub mod registry;
