@@ -384,3 +384,49 @@ async fn docker_config_credentials_and_separate_cache_keys() {
         "fetched anew without credentials, and refused"
     );
 }
+
+#[tokio::test]
+async fn docker_config_identity_token_uses_the_oauth2_form() {
+    let reg = Registry::start(RegistryAuth::token("carol", "carols-refresh-token")).await;
+    reg.pusher()
+        .push_image(
+            "team/app",
+            "v1",
+            &ImageSpec::linux("amd64").created("2024-01-01T00:00:00Z"),
+        )
+        .await;
+    let proxy = CountingProxy::start_for(&reg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"auths":{{"{}":{{"identitytoken":"carols-refresh-token"}}}}}}"#,
+            proxy.host()
+        ),
+    )
+    .unwrap();
+    let endpoint = format!("{}={}", proxy.host(), proxy.url());
+    let app = App::start(&[
+        "--allowed-registries",
+        &proxy.host(),
+        "--registry-endpoint",
+        &endpoint,
+        "--docker-config",
+        config.to_str().unwrap(),
+    ])
+    .await;
+    let (_, body) = app
+        .tags(&format!("image=team/app&registry={}", proxy.host()))
+        .await;
+    assert_eq!(body[0]["name"], "v1");
+    let token_requests: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.kind == Kind::Token)
+        .collect();
+    assert_eq!(token_requests.len(), 1);
+    assert_eq!(token_requests[0].method, reqwest::Method::POST);
+    let ts = reg.token_server().unwrap();
+    assert!(ts.requests().iter().all(|r| r.authenticated));
+}

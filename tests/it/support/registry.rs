@@ -620,7 +620,7 @@ impl TokenServer {
         });
         let (listener, port) = bind_loopback().await;
         let router = Router::new()
-            .route(TOKEN_PATH, get(issue_token))
+            .route(TOKEN_PATH, get(issue_token).post(issue_token_oauth))
             .with_state(state.clone());
         let task = spawn_server(listener, router);
         TokenServer {
@@ -705,6 +705,35 @@ async fn issue_token(
         return registry_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message);
     }
     token_response(&granted, &caller.subject(), state.lifetime_for(&caller))
+}
+
+/// The OAuth2 form (`POST`, `grant_type=refresh_token`), as clients with Docker's
+/// `identitytoken` use it. Here an account's password doubles as its refresh token.
+async fn issue_token_oauth(State(state): State<Arc<TokenState>>, body: String) -> Response {
+    let params = parse_query(&body);
+    let refresh = query_param(&params, "refresh_token").unwrap_or("");
+    let user = state
+        .accounts
+        .iter()
+        .find(|(_, password)| {
+            query_param(&params, "grant_type") == Some("refresh_token") && *password == refresh
+        })
+        .map(|(user, _)| user.clone());
+    let caller = Caller {
+        authenticated: user.is_some(),
+        user,
+    };
+    let scopes = requested_scopes(&params);
+    if !caller.authenticated {
+        state.record(&params, scopes, &caller, &[]);
+        return registry_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "invalid refresh token",
+        );
+    }
+    state.record(&params, scopes.clone(), &caller, &scopes);
+    token_response(&scopes, &caller.subject(), state.lifetime_for(&caller))
 }
 
 /// Who asked for a token.
