@@ -5,8 +5,20 @@ use clap::Parser;
 
 use oci_tag_proxy::config::{Cli, Settings};
 
+mod healthcheck;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `oci-tag-proxy healthcheck`: for container health checks, where there is no shell or curl.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "healthcheck")
+    {
+        let args = std::env::args_os().skip(2);
+        std::process::exit(healthcheck::run(
+            args.map(|a| a.to_string_lossy().into_owned()),
+        ));
+    }
     oci_tag_proxy::telemetry::init();
     let settings = Settings::try_from(Cli::parse())?;
     tracing::debug!(?settings, "configuration");

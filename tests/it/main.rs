@@ -11,6 +11,9 @@ mod api;
 // Single flight, stale-while-revalidate, stale-if-error, persistence across restarts.
 mod cache;
 
+// The image's static binary in an empty root (chroot): /tags via /etc/hosts, DNS and TLS.
+mod container;
+
 // The service against the Docker Hub fake: shape, order, paging, caps, failures.
 mod dockerhub;
 
