@@ -84,7 +84,7 @@ pub async fn serve(
         ),
         None => None,
     };
-    let (metrics, registry) = Metrics::new();
+    let (metrics, registry) = Metrics::new(shared.is_some());
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let digests = DigestCache::new(

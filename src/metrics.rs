@@ -84,8 +84,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates the metrics and registers them in a new registry.
-    pub fn new() -> (Metrics, Registry) {
+    /// Creates the metrics and registers them in a new registry. `with_redis`: whether the
+    /// shared tier is configured (`tag_proxy_redis_up` exists only then).
+    pub fn new(with_redis: bool) -> (Metrics, Registry) {
         let metrics = Metrics {
             requests: Family::default(),
             fetch_seconds: Family::new_with_constructor(|| {
@@ -146,11 +147,13 @@ impl Metrics {
             "Requests a registry last said were left (ratelimit-remaining / X-RateLimit-Remaining)",
             metrics.rate_remaining.clone(),
         );
-        registry.register(
-            "redis_up",
-            "1 when the shared Redis tier answered its last operation, 0 when it did not",
-            metrics.redis_up.clone(),
-        );
+        if with_redis {
+            registry.register(
+                "redis_up",
+                "1 when the shared Redis tier answered its last operation, 0 when it did not",
+                metrics.redis_up.clone(),
+            );
+        }
         (metrics, registry)
     }
 
@@ -275,7 +278,7 @@ mod tests {
 
     #[test]
     fn classic_text_names_counters_with_total() {
-        let (m, registry) = Metrics::new();
+        let (m, registry) = Metrics::new(false);
         m.count_request("docker", RequestStatus::cache_hit);
         let text = encode(&registry, false).unwrap();
         assert!(

@@ -170,9 +170,7 @@ impl ArchFilter {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         };
         if parts.is_empty() || parts.len() > 3 || !parts.iter().all(valid) {
-            return Err(
-                "expected an architecture such as amd64, arm64, arm/v7 or linux/arm64".into(),
-            );
+            return Err("an architecture such as amd64, arm64, arm/v7 or linux/arm64".into());
         }
         let owned = |s: &str| s.to_owned();
         Ok(match parts.as_slice() {

@@ -22,6 +22,10 @@ pub enum ApiError {
     /// 404: `/tags/latest` found no tag that matches the parameters.
     #[error("no tag of {0} matches the given parameters")]
     NoMatch(String),
+    /// 504: the answer took longer than the request's time budget (the fetch goes on in the
+    /// background and fills the cache).
+    #[error("timed out after {0}s waiting for the registry; the fetch goes on, try again shortly")]
+    Budget(u64),
     /// 404 for paths the API does not have.
     #[error(
         "not found: see GET /tags?image=<name>&registry=<docker|ghcr|host>, or GET /openapi.json"
@@ -38,10 +42,13 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NoRoute | ApiError::NoMatch(_) => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Budget(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Upstream(e) => match e.as_ref() {
                 UpstreamError::NotFound { .. } => StatusCode::NOT_FOUND,
                 UpstreamError::Denied { .. } => StatusCode::FORBIDDEN,
-                UpstreamError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                UpstreamError::RateLimited { .. } | UpstreamError::BackingOff { .. } => {
+                    StatusCode::TOO_MANY_REQUESTS
+                }
                 UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 UpstreamError::Status { .. }
@@ -60,7 +67,7 @@ impl ApiError {
                     "the registry refused access (private repository, or no or wrong credentials \
                      configured): {e}"
                 ),
-                UpstreamError::RateLimited { .. } => {
+                UpstreamError::RateLimited { .. } | UpstreamError::BackingOff { .. } => {
                     format!("the registry is rate-limiting us and nothing is cached: {e}")
                 }
                 _ => format!("upstream error: {e}"),
@@ -82,7 +89,8 @@ impl IntoResponse for ApiError {
                 UpstreamError::RateLimited { retry_after, .. } => {
                     Some(retry_after.unwrap_or(Duration::from_secs(60)))
                 }
-                UpstreamError::Unavailable { retry_after, .. } => Some(*retry_after),
+                UpstreamError::Unavailable { retry_after, .. }
+                | UpstreamError::BackingOff { retry_after, .. } => Some(*retry_after),
                 _ => None,
             },
             _ => None,

@@ -33,10 +33,17 @@ pub struct AppState {
     pub registry: Arc<prometheus_client::registry::Registry>,
 }
 
-/// The whole API. A request that takes longer than this is cut off, so a hung upstream
-/// cannot hold a connection (or shutdown) forever.
+/// How long one `/tags` request may wait for the registry: every attempt of one upstream
+/// request, plus slack. A request that waits longer gets a plain-text `504` (the fetch goes on
+/// in the background). This also bounds how long shutdown waits for in-flight requests.
+pub fn request_budget(settings: &Settings) -> Duration {
+    settings.upstream_timeout * (settings.upstream_retries + 1) + Duration::from_secs(5)
+}
+
+/// The whole API. The outer time-out is a last resort (handlers answer within
+/// [`request_budget`] themselves), so a hung connection cannot hold shutdown forever.
 pub fn router(state: AppState) -> Router {
-    let request_timeout = state.settings.upstream_timeout * 3 + Duration::from_secs(5);
+    let request_timeout = request_budget(&state.settings) + Duration::from_secs(5);
     Router::new()
         .route("/tags", get(tags::get_tags))
         .route("/tags/latest", get(tags::get_latest))

@@ -108,7 +108,16 @@ async fn lookup(
         tracing::info!(status = 400, error = %e, "bad request");
     })?;
     let label = query.image.registry.label().to_owned();
-    match app.refresher.tags(&query.image).await {
+    let budget = super::request_budget(&app.settings);
+    let answer = tokio::time::timeout(budget, app.refresher.tags(&query.image)).await;
+    let Ok(answer) = answer else {
+        app.metrics.count_request(&label, RequestStatus::error);
+        let err = ApiError::Budget(budget.as_secs());
+        tracing::info!(image = %query.image.repository, registry = %label, status = 504,
+            error = %err, "tags failed");
+        return Err(err);
+    };
+    match answer {
         Ok((entry, cache)) => {
             let status = match cache {
                 CacheStatus::Hit => RequestStatus::cache_hit,

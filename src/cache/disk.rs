@@ -53,9 +53,31 @@ pub struct DiskStore {
 
 impl DiskStore {
     /// Opens (or creates) the database in `dir`, creating the directory and tables.
+    ///
+    /// The cache is disposable: a file that is not a readable database (damaged, truncated,
+    /// not redb at all) is moved aside as `cache.redb.damaged-<unix time>` and a new one is
+    /// started, with a warning. A database another process holds open is an error.
     pub fn open(dir: &Path) -> Result<DiskStore, DiskError> {
         std::fs::create_dir_all(dir).map_err(db_err)?;
-        let db = Database::create(dir.join(FILE_NAME)).map_err(db_err)?;
+        let path = dir.join(FILE_NAME);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(db_err(redb::DatabaseError::DatabaseAlreadyOpen));
+            }
+            Err(e) if path.exists() => {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = dir.join(format!("{FILE_NAME}.damaged-{secs}"));
+                tracing::warn!(error = %e, moved_to = %aside.display(),
+                    "the cache database is unreadable; moving it aside and starting empty");
+                std::fs::rename(&path, &aside).map_err(db_err)?;
+                Database::create(&path).map_err(db_err)?
+            }
+            Err(e) => return Err(db_err(e)),
+        };
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(TAGS).map_err(db_err)?;
         txn.open_table(DIGESTS).map_err(db_err)?;
@@ -105,6 +127,23 @@ impl DiskStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), vec![0x5a; 70_000]).unwrap();
+        let store = DiskStore::open(dir.path()).expect("starts with an empty cache");
+        drop(store);
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("cache.redb.damaged-")
+            });
+        assert!(aside, "the damaged file is kept for inspection");
+    }
 
     #[tokio::test]
     async fn round_trip_and_reopen() {

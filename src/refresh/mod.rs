@@ -27,6 +27,8 @@ pub use coalesce::{Coalescer, FetchResult};
 
 /// After a failed background refresh, the next one waits at least this long.
 const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How long a 404 or 403 for an image is answered without asking the registry again.
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 /// How often a replica waiting on another's refresh looks for its answer.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 /// The longest a `Retry-After` is honoured for, whatever the registry says.
@@ -261,7 +263,9 @@ impl Refresher {
     }
 
     /// A 429 silences the image for its `Retry-After` (misses get the 429 at once, without a
-    /// request); any other failure only delays the next background refresh.
+    /// request); a 404 or 403 is remembered for a short while (so callers asking again and again
+    /// for a missing or private repository cannot drive traffic upstream); any other failure
+    /// only delays the next background refresh.
     fn remember_failure(&self, key: &str, e: &Arc<UpstreamError>) {
         let (wait, keep) = match e.as_ref() {
             UpstreamError::RateLimited { retry_after, .. } => (
@@ -270,6 +274,10 @@ impl Refresher {
                     .min(MAX_RETRY_AFTER),
                 Some(e.clone()),
             ),
+            UpstreamError::BackingOff { retry_after, .. } => (*retry_after, Some(e.clone())),
+            UpstreamError::NotFound { .. } | UpstreamError::Denied { .. } => {
+                (NEGATIVE_TTL, Some(e.clone()))
+            }
             _ => (REFRESH_RETRY_AFTER, None),
         };
         self.inner
@@ -286,21 +294,22 @@ impl Refresher {
             .is_some_and(|(until, _)| *until > Instant::now())
     }
 
-    /// The remembered 429 for an image still inside its `Retry-After`, with the time left.
+    /// The remembered error for an image still inside its quiet time (a 429 with the time
+    /// left as its `Retry-After`).
     fn quiet_error(&self, key: &str) -> Option<Arc<UpstreamError>> {
         let quiet = self.inner.quiet_until.lock().expect("quiet lock");
         let (until, err) = quiet.get(key)?;
         let left = until.checked_duration_since(Instant::now())?;
-        match err.as_deref()? {
-            UpstreamError::RateLimited { status, url, .. } => {
-                Some(Arc::new(UpstreamError::RateLimited {
-                    status: *status,
+        let err = err.as_ref()?;
+        Some(match err.as_ref() {
+            UpstreamError::RateLimited { url, .. } | UpstreamError::BackingOff { url, .. } => {
+                Arc::new(UpstreamError::BackingOff {
                     url: url.clone(),
-                    retry_after: Some(left),
-                }))
+                    retry_after: left,
+                })
             }
-            _ => None,
-        }
+            _ => err.clone(),
+        })
     }
 
     /// Fetches running now.

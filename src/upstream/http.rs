@@ -228,13 +228,19 @@ impl HttpClient {
 
     async fn attempt(&self, req: Request) -> Result<Response, UpstreamError> {
         let shown = display_url(&req.url);
+        let (registry, kind) = (req.registry.clone(), req.kind);
         let timeout = self.timeout;
         match tokio::time::timeout(timeout, self.send_following(req)).await {
             Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout {
-                url: shown,
-                timeout,
-            }),
+            Err(_) => {
+                // The request was cut off before it could be counted with a status.
+                self.metrics
+                    .count_upstream(&registry, kind, "timeout".to_owned());
+                Err(UpstreamError::Timeout {
+                    url: shown,
+                    timeout,
+                })
+            }
         }
     }
 
@@ -418,10 +424,9 @@ fn is_transient(result: &Result<Response, UpstreamError>) -> bool {
 
 fn refusal_error(refusal: Refusal, url: &Url) -> UpstreamError {
     match refusal {
-        Refusal::BackingOff(wait) => UpstreamError::RateLimited {
-            status: 429,
+        Refusal::BackingOff(wait) => UpstreamError::BackingOff {
             url: display_url(url),
-            retry_after: Some(wait),
+            retry_after: wait,
         },
         Refusal::BreakerOpen(wait) => UpstreamError::Unavailable {
             url: display_url(url),

@@ -45,6 +45,9 @@ pub enum UpstreamError {
     /// Any other unexpected status.
     #[error("{url} answered {status}")]
     Status { status: u16, url: String },
+    /// The host rate-limited us earlier; we are not asking it until the back-off ends.
+    #[error("not asking {url}: the registry rate-limited us; backing off for {}s", retry_after.as_secs().max(1))]
+    BackingOff { url: String, retry_after: Duration },
     /// The host kept failing; its circuit breaker is open.
     #[error("{url}: the registry kept failing; not asking it again for {}s", retry_after.as_secs().max(1))]
     Unavailable { url: String, retry_after: Duration },

@@ -97,6 +97,15 @@ impl OciRegistry {
             name: name.to_owned(),
         };
         let (mut names, mut truncated) = self.list_names(&repo).await?;
+        names.retain(|n| {
+            let ok = is_valid_tag(n);
+            if !ok {
+                tracing::warn!(registry = %repo.label, image = %repo.name,
+                    tag = %n.escape_debug().to_string().chars().take(80).collect::<String>(),
+                    "skipping a listed tag that is not a valid tag name");
+            }
+            ok
+        });
         if !self.include_artifact_tags {
             names.retain(|n| !is_artifact_tag(n));
         }
@@ -222,7 +231,12 @@ impl OciRegistry {
                 tracing::warn!(tag = %tag, error = %e, "tag kept without platforms or date");
                 None
             }
-            Err(UpstreamError::NotFound { .. }) => return Ok(None),
+            // The tag exists (its HEAD answered) but a manifest or config it names is missing:
+            // keep the tag with its digest, like a malformed one.
+            Err(e @ UpstreamError::NotFound { .. }) => {
+                tracing::warn!(tag = %tag, error = %e, "tag kept without platforms or date");
+                None
+            }
             Err(e) => return Err(e),
         };
         let (architectures, platforms) = info
@@ -418,6 +432,18 @@ fn smaller_page(current: Option<usize>) -> Option<Option<usize>> {
     }
 }
 
+/// The OCI tag grammar, `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`. Names outside it (`..`, `/`,
+/// control characters) are never put into a request path.
+pub fn is_valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
 /// Cosign signatures, attestations and SBOMs stored as tags (`sha256-<hex>.sig`), and the
 /// referrers-API fallback tags (`sha256-<hex>`): artifacts, not images.
 pub fn is_artifact_tag(tag: &str) -> bool {
@@ -452,6 +478,25 @@ mod tests {
             "v1.0",
         ] {
             assert!(!is_artifact_tag(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn tag_grammar() {
+        for t in ["latest", "v1.2.3", "_x", "1.0-rc.1", &"a".repeat(128)] {
+            assert!(is_valid_tag(t), "{t}");
+        }
+        for t in [
+            "",
+            "../../etc",
+            ".x",
+            "-x",
+            "a/b",
+            "x\u{0}y",
+            "été",
+            &"a".repeat(129),
+        ] {
+            assert!(!is_valid_tag(t), "{t}");
         }
     }
 

@@ -144,6 +144,10 @@ async fn unknown_repository_is_404_plain_text() {
     let app = app_for(&hub, &[]).await;
     let resp = app.get("/tags?image=nosuch/repo").await;
     assert_eq!(resp.status(), 404);
+    // Asked again at once: the 404 is remembered briefly, no second upstream request.
+    let again = app.get("/tags?image=nosuch/repo").await;
+    assert_eq!(again.status(), 404);
+    assert_eq!(hub.count(), 1);
     assert!(
         resp.headers()["content-type"]
             .to_str()
@@ -232,6 +236,11 @@ async fn upstream_failures_map_to_502_and_504() {
         assert!(text.contains(needle), "{label}: {text}");
         assert_eq!(hub.count(), times, "{label}: attempts");
     }
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("kind=\"tag_page\",status=\"timeout\"} 3"),
+        "time-outs are counted: {metrics}"
+    );
     // After all that, a good answer still comes through.
     let (_, body) = app.tags("image=acme/app").await;
     assert_eq!(body.as_array().unwrap().len(), 3);

@@ -519,6 +519,16 @@ async fn upstream_faults_map_to_statuses() {
     let resp = app.get(&path).await;
     assert_eq!(resp.status(), 504);
 
+    proxy.fault(Fault::on(Kind::Blob).respond(404).times(1));
+    let (_, body) = app.tags(&path["/tags?".len()..]).await;
+    assert_eq!(
+        tag(&body, "v1")["architectures"],
+        json!([]),
+        "a missing config keeps the tag"
+    );
+    assert!(tag(&body, "v1")["digest"].is_string());
+
+    let app = app_for(&proxy.host(), &proxy.url(), &[]).await;
     proxy.fault(
         Fault::on(Kind::Blob)
             .respond(200)
