@@ -143,8 +143,8 @@ pub async fn run(env: &Env) -> ItemResult {
         ));
         rounds.push(runs);
     }
-    let log_bytes = std::fs::metadata(&default.log).map_or(0, |m| m.len());
-    let served = rounds.iter().map(|r| r[PROXY.0].requests).sum::<f64>();
+    let log = std::fs::read(&default.log).unwrap_or_default();
+    let log_lines = log.iter().filter(|b| **b == b'\n').count();
     nginx.stop().await;
     plain.stop().await;
     zipped.stop().await;
@@ -196,7 +196,7 @@ pub async fn run(env: &Env) -> ItemResult {
         "ratio_p99_proxy_to_nginx": summary(&p99_ratio),
         "target_ratio": 0.8,
         "target_met": median(&ratio) >= 0.8,
-        "proxy_log_bytes_per_request": round(log_bytes as f64 / served.max(1.0), 1),
+        "proxy_log_bytes_per_line": round(log.len() as f64 / log_lines.max(1) as f64, 1),
         "rounds": rounds.iter().map(|r| {
             let mut m = serde_json::Map::new();
             for s in SERVERS {

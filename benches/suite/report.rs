@@ -51,6 +51,8 @@ pub struct Report {
     rows: Vec<Row>,
     tables: Vec<String>,
     started_at: String,
+    /// Taken at the start: what was built and measured, not what the tree holds at the end.
+    git: (Option<String>, bool),
 }
 
 impl Report {
@@ -61,6 +63,7 @@ impl Report {
             rows: Vec::new(),
             tables: Vec::new(),
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            git: git_state(),
         }
     }
 
@@ -71,7 +74,7 @@ impl Report {
     }
 
     pub fn finish(self, out: &Path, elapsed: Duration, load_start: f64, load_end: f64) {
-        let (commit, dirty) = git_state();
+        let (commit, dirty) = self.git.clone();
         let doc = json!({
             "suite": "oci-tag-proxy benchmarks (cargo bench --bench suite)",
             "mode": if self.plan.quick { "quick" } else { "full" },

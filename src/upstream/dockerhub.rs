@@ -220,8 +220,10 @@ impl DockerHub {
                 walk.stopped_unchanged = true;
                 return Ok(walk);
             }
+            let more = page.next.is_some();
             let Some(next) = page.next.filter(|_| walk.tags.len() < self.max_tags) else {
-                walk.truncated = walk.tags.len() >= self.max_tags;
+                // Stopped by max-tags with pages left: truncated. The list simply ended: whole.
+                walk.truncated = more && walk.tags.len() >= self.max_tags;
                 return Ok(walk);
             };
             match self.next_url(&resp.url, &next, &seen_urls) {

@@ -115,6 +115,12 @@ async fn max_tags_stops_paging_early() {
     assert_eq!(names(&body)[0], "1.499.0");
     assert_eq!(headers["x-tags-truncated"], "true");
     assert_eq!(hub.count(), 2, "stops once max-tags is reached");
+
+    // Exactly max-tags tags, and the list ends there: complete, not truncated.
+    hub.add_repo("acme/exact", generate_tags(150, "2024-01-01T00:00:00Z"));
+    let (headers, body) = app.tags("image=acme/exact").await;
+    assert_eq!(body.as_array().unwrap().len(), 150);
+    assert!(headers.get("x-tags-truncated").is_none());
 }
 
 #[tokio::test]
