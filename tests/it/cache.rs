@@ -9,13 +9,6 @@ use serde_json::Value;
 use crate::support::app::{App, Binary};
 use crate::support::hub::{Failure, HubFake, HubTag, generate_tags};
 
-async fn app_for(hub: &HubFake, extra: &[&str]) -> App {
-    let endpoint = format!("docker={}", hub.url());
-    let mut args = vec!["--registry-endpoint", endpoint.as_str()];
-    args.extend_from_slice(extra);
-    App::start(&args).await
-}
-
 fn find<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
     body.as_array().unwrap().iter().find(|t| t["name"] == name)
 }
@@ -37,7 +30,7 @@ async fn concurrent_requests_share_one_upstream_fetch() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(250, "2024-01-01T00:00:00Z"));
     hub.set_delay(Duration::from_millis(300));
-    let app = app_for(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     let requests = (0..50).map(|_| app.get("/tags?image=acme/app"));
     let responses = join_all(requests).await;
     let mut bodies = Vec::new();
@@ -66,7 +59,7 @@ async fn stale_answer_is_served_while_refreshing_and_refresh_applies_changes() {
             HubTag::new("doomed").pushed_at("2024-01-01T00:00:00Z"),
         ],
     );
-    let app = app_for(&hub, &["--refresh-interval", "1s"]).await;
+    let app = App::for_hub(&hub, &["--refresh-interval", "1s"]).await;
     let (_, first) = app.tags("image=acme/app").await;
     assert_eq!(
         find(&first, "moving").unwrap()["digest"],
@@ -104,7 +97,7 @@ async fn stale_answer_is_served_while_refreshing_and_refresh_applies_changes() {
 async fn failed_refresh_keeps_serving_the_last_good_answer() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(5, "2024-01-01T00:00:00Z"));
-    let app = app_for(&hub, &["--refresh-interval", "1s"]).await;
+    let app = App::for_hub(&hub, &["--refresh-interval", "1s"]).await;
     let (_, good) = app.tags("image=acme/app").await;
     hub.fail_always(Failure::html(503));
     tokio::time::sleep(Duration::from_millis(1100)).await;

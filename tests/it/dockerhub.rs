@@ -7,14 +7,6 @@ use serde_json::{Value, json};
 use crate::support::app::App;
 use crate::support::hub::{Failure, HubFake, HubImage, HubTag, generate_tags};
 
-/// An app whose Hub API is the fake.
-async fn app_for(hub: &HubFake, extra: &[&str]) -> App {
-    let endpoint = format!("docker={}", hub.url());
-    let mut args = vec!["--registry-endpoint", endpoint.as_str()];
-    args.extend_from_slice(extra);
-    App::start(&args).await
-}
-
 fn names(body: &Value) -> Vec<&str> {
     body.as_array()
         .unwrap()
@@ -48,7 +40,7 @@ async fn shape_order_and_nulls() {
                 .images(vec![]),
         ],
     );
-    let app = app_for(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     let (headers, body) = app.tags("image=nginx").await;
     assert_eq!(headers["content-type"], "application/json");
     assert_eq!(headers["x-cache"], "miss");
@@ -98,7 +90,7 @@ async fn shape_order_and_nulls() {
 async fn follows_next_across_pages() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(250, "2024-01-01T00:00:00Z"));
-    let app = app_for(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     let (_, body) = app.tags("image=acme/app").await;
     assert_eq!(body.as_array().unwrap().len(), 250);
     assert_eq!(names(&body)[0], "1.249.0", "newest first");
@@ -109,7 +101,7 @@ async fn follows_next_across_pages() {
 async fn max_tags_stops_paging_early() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(500, "2024-01-01T00:00:00Z"));
-    let app = app_for(&hub, &["--max-tags", "150"]).await;
+    let app = App::for_hub(&hub, &["--max-tags", "150"]).await;
     let (headers, body) = app.tags("image=acme/app").await;
     assert_eq!(body.as_array().unwrap().len(), 150);
     assert_eq!(names(&body)[0], "1.499.0");
@@ -128,7 +120,7 @@ async fn anonymous_offset_cap_truncates_and_jwt_lifts_it() {
     let hub = HubFake::start().await;
     hub.set_rate_limit(10_000);
     hub.add_repo("acme/big", generate_tags(1_500, "2020-01-01T00:00:00Z"));
-    let app = app_for(&hub, &["--max-tags", "5000"]).await;
+    let app = App::for_hub(&hub, &["--max-tags", "5000"]).await;
     let (headers, body) = app.tags("image=acme/big").await;
     assert_eq!(body.as_array().unwrap().len(), 1_000);
     assert_eq!(headers["x-tags-truncated"], "true");
@@ -136,7 +128,7 @@ async fn anonymous_offset_cap_truncates_and_jwt_lifts_it() {
 
     hub.set_token("hub-jwt-secret");
     hub.reset_counts();
-    let app = app_for(&hub, &["--max-tags", "5000", "--jwt", "hub-jwt-secret"]).await;
+    let app = App::for_hub(&hub, &["--max-tags", "5000", "--jwt", "hub-jwt-secret"]).await;
     let (headers, body) = app.tags("image=acme/big").await;
     assert_eq!(body.as_array().unwrap().len(), 1_500);
     assert!(headers.get("x-tags-truncated").is_none());
@@ -147,7 +139,7 @@ async fn anonymous_offset_cap_truncates_and_jwt_lifts_it() {
 #[tokio::test]
 async fn unknown_repository_is_404_plain_text() {
     let hub = HubFake::start().await;
-    let app = app_for(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     let resp = app.get("/tags?image=nosuch/repo").await;
     assert_eq!(resp.status(), 404);
     // Asked again at once: the 404 is remembered briefly, no second upstream request.
@@ -173,7 +165,7 @@ async fn rate_limit_is_429_with_retry_after_and_no_hammering() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(3, "2024-01-01T00:00:00Z"));
     hub.fail_next(1, Failure::rate_limited(30));
-    let app = app_for(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     let resp = app.get("/tags?image=acme/app").await;
     assert_eq!(resp.status(), 429);
     let retry: u64 = resp.headers()["retry-after"]
@@ -194,7 +186,7 @@ async fn abuse_limit_plain_text_429() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(3, "2024-01-01T00:00:00Z"));
     hub.fail_next(1, Failure::Abuse429);
-    let app = app_for(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     let resp = app.get("/tags?image=acme/app").await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "60");
@@ -204,7 +196,7 @@ async fn abuse_limit_plain_text_429() {
 async fn upstream_failures_map_to_502_and_504() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(3, "2024-01-01T00:00:00Z"));
-    let app = app_for(
+    let app = App::for_hub(
         &hub,
         &["--upstream-timeout", "1s", "--max-body-bytes", "65536"],
     )

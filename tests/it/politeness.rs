@@ -11,13 +11,6 @@ use crate::support::app::App;
 use crate::support::hub::{Failure, HubFake, generate_tags};
 use crate::support::registry::{CountingProxy, Fault, ImageSpec, Kind, Registry, RegistryAuth};
 
-async fn hub_app(hub: &HubFake, extra: &[&str]) -> App {
-    let endpoint = format!("docker={}", hub.url());
-    let mut args = vec!["--registry-endpoint", endpoint.as_str()];
-    args.extend_from_slice(extra);
-    App::start(&args).await
-}
-
 fn tag_pages(hub: &HubFake) -> usize {
     hub.requests()
         .iter()
@@ -35,7 +28,7 @@ async fn a_429_backs_off_the_whole_host() {
     hub.add_repo("acme/one", generate_tags(3, "2024-01-01T00:00:00Z"));
     hub.add_repo("acme/two", generate_tags(3, "2024-01-01T00:00:00Z"));
     hub.fail_next(1, Failure::rate_limited(40));
-    let app = hub_app(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     let resp = app.get("/tags?image=acme/one").await;
     assert_eq!(resp.status(), 429);
     // Another image on the same host: answered 429 at once, nothing sent upstream.
@@ -128,7 +121,7 @@ async fn ratelimit_remaining_zero_backs_off_and_is_exported() {
     hub.add_repo("acme/one", generate_tags(3, "2024-01-01T00:00:00Z"));
     hub.add_repo("acme/two", generate_tags(3, "2024-01-01T00:00:00Z"));
     hub.set_rate_limit(1);
-    let app = hub_app(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     let (_, body) = app.tags("image=acme/one").await;
     assert_eq!(
         body.as_array().unwrap().len(),
@@ -153,13 +146,13 @@ async fn ratelimit_remaining_zero_backs_off_and_is_exported() {
 async fn transient_bursts_are_retried_client_errors_are_not() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(3, "2024-01-01T00:00:00Z"));
-    let app = hub_app(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     hub.fail_next(2, Failure::html(503));
     let (_, body) = app.tags("image=acme/app").await;
     assert_eq!(body.as_array().unwrap().len(), 3);
     assert_eq!(hub.count(), 3, "two 503s, then the answer");
 
-    let app = hub_app(&hub, &[]).await;
+    let app = App::for_hub(&hub, &[]).await;
     hub.reset_counts();
     hub.fail_next(1, Failure::Status(400, "{\"message\":\"bad\"}".into()));
     assert_eq!(app.get("/tags?image=acme/app").await.status(), 502);
@@ -175,7 +168,7 @@ async fn circuit_breaker_opens_and_closes() {
     for name in ["acme/a", "acme/b", "acme/c", "acme/d"] {
         hub.add_repo(name, generate_tags(2, "2024-01-01T00:00:00Z"));
     }
-    let app = hub_app(
+    let app = App::for_hub(
         &hub,
         &[
             "--upstream-retries",
@@ -213,7 +206,7 @@ async fn circuit_breaker_opens_and_closes() {
 async fn request_rate_cap_spaces_requests() {
     let hub = HubFake::start().await;
     hub.add_repo("acme/app", generate_tags(450, "2024-01-01T00:00:00Z"));
-    let app = hub_app(&hub, &["--upstream-rate-limit", "2"]).await;
+    let app = App::for_hub(&hub, &["--upstream-rate-limit", "2"]).await;
     app.tags("image=acme/app").await;
     let at: Vec<_> = hub.requests().iter().map(|r| r.at).collect();
     assert_eq!(at.len(), 5);
@@ -230,7 +223,7 @@ async fn docker_hub_refresh_stops_at_the_first_unchanged_page() {
     hub.set_rate_limit(10_000);
     let mut tags = generate_tags(450, "2024-01-01T00:00:00Z");
     hub.add_repo("acme/app", tags.clone());
-    let app = hub_app(&hub, &["--refresh-interval", "1s"]).await;
+    let app = App::for_hub(&hub, &["--refresh-interval", "1s"]).await;
     app.tags("image=acme/app").await;
     assert_eq!(tag_pages(&hub), 5, "the first fetch walks every page");
 
@@ -279,7 +272,7 @@ async fn docker_hub_login_pages_past_the_anonymous_cap_and_renews() {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{{\"exp\":{exp}}}"));
     let jwt = format!("e30.{claims}.sig");
     hub.set_login("alice", "dckr_pat_secret", &jwt);
-    let app = hub_app(
+    let app = App::for_hub(
         &hub,
         &[
             "--max-tags",
@@ -317,7 +310,7 @@ async fn docker_hub_login_pages_past_the_anonymous_cap_and_renews() {
     assert_eq!(logins(&hub), 2, "an expiring login is renewed");
 
     // Wrong secret: a clear error, and the secret appears nowhere.
-    let bad = hub_app(
+    let bad = App::for_hub(
         &hub,
         &[
             "--docker-hub-username",

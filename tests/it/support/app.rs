@@ -34,6 +34,14 @@ impl App {
         app
     }
 
+    /// Starts the service with the Docker Hub fake as its Hub API, plus `extra` flags.
+    pub async fn for_hub(hub: &super::hub::HubFake, extra: &[&str]) -> App {
+        let endpoint = format!("docker={}", hub.url());
+        let mut args = vec!["--registry-endpoint", endpoint.as_str()];
+        args.extend_from_slice(extra);
+        App::start(&args).await
+    }
+
     /// Starts the service with the default private-network policy (refusing redirects and
     /// links to loopback), to test that policy.
     pub async fn start_strict(args: &[&str]) -> App {
