@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod refresh;
 pub mod selection;
+pub mod sendfile;
 pub mod shutdown;
 pub mod telemetry;
 pub mod upstream;
@@ -122,7 +123,7 @@ pub async fn serve(
         registry: Arc::new(registry),
     };
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, api::router(state))
+    axum::serve(sendfile::listen(listener), api::router(state))
         .with_graceful_shutdown(shutdown)
         .await?;
     stop.cancel();

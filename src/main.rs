@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
             args.map(|a| a.to_string_lossy().into_owned()),
         ));
     }
-    oci_tag_proxy::telemetry::init();
+    let _log = oci_tag_proxy::telemetry::init();
     let settings = Settings::try_from(Cli::parse())?;
     tracing::debug!(?settings, "configuration");
     let listener = tokio::net::TcpListener::bind(settings.listen)

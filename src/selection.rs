@@ -61,49 +61,76 @@ impl Selection {
 
     /// The tags that pass every filter, in the requested order, at most `limit`.
     pub fn apply<'a>(&self, tags: &'a [Tag]) -> Vec<&'a Tag> {
-        let mut keyed: Vec<(&Tag, Option<TagVersion>)> = tags
+        self.apply_indexed(tags, &VersionIndex::new(tags))
+    }
+
+    /// [`Selection::apply`] with the tags' versions parsed beforehand (`versions` is
+    /// [`VersionIndex::new`] of `tags`, kept with the cached entry).
+    pub fn apply_indexed<'a>(&self, tags: &'a [Tag], versions: &VersionIndex) -> Vec<&'a Tag> {
+        debug_assert_eq!(tags.len(), versions.0.len(), "an index of these tags");
+        let mut keyed: Vec<(&Tag, Option<&TagVersion>)> = tags
             .iter()
-            .filter(|t| self.keeps(t))
-            .map(|t| (t, TagVersion::parse(&t.name)))
-            .filter(|(_, v)| !self.semver_only || v.is_some())
+            .zip(&versions.0)
+            .filter(|(t, v)| self.keeps(t) && (!self.semver_only || v.is_some()))
+            .map(|(t, v)| (t, v.as_ref()))
             .collect();
         let natural_desc = !matches!(self.sort, Sort::Name);
         let desc = self.order.map_or(natural_desc, |o| o == Order::Desc);
-        keyed.sort_by(|a, b| {
+        let order = |a: &(&Tag, Option<&TagVersion>), b: &(&Tag, Option<&TagVersion>)| {
             let ord = match self.sort {
                 Sort::Date => by_date(a.0, b.0),
                 Sort::Name => a.0.name.cmp(&b.0.name),
-                Sort::Semver => by_version(&a.1, &b.1, desc),
+                Sort::Semver => by_version(a.1, b.1, desc),
             };
             let ord = if desc { ord.reverse() } else { ord };
             ord.then_with(|| a.0.name.cmp(&b.0.name))
-        });
-        let limit = self.limit.unwrap_or(usize::MAX);
-        keyed.into_iter().take(limit).map(|(t, _)| t).collect()
+        };
+        // With a limit, only the first `limit` need sorting: partition around the limit first
+        // (linear), so `limit=10` on 1,000 tags sorts 10.
+        if let Some(limit) = self.limit
+            && limit < keyed.len()
+        {
+            keyed.select_nth_unstable_by(limit, order);
+            keyed.truncate(limit);
+        }
+        keyed.sort_by(order);
+        keyed.into_iter().map(|(t, _)| t).collect()
     }
 
     /// The single best tag: with an explicit `sort`, the first of the sorted answer; by
     /// default the highest version that is not a pre-release, or — when no tag is such a
     /// version — the newest by date.
     pub fn best<'a>(&self, tags: &'a [Tag], explicit_sort: bool) -> Option<&'a Tag> {
+        self.best_indexed(tags, &VersionIndex::new(tags), explicit_sort)
+    }
+
+    /// [`Selection::best`] with the tags' versions parsed beforehand.
+    pub fn best_indexed<'a>(
+        &self,
+        tags: &'a [Tag],
+        versions: &VersionIndex,
+        explicit_sort: bool,
+    ) -> Option<&'a Tag> {
         if explicit_sort {
-            return self.apply(tags).into_iter().next();
+            return self.apply_indexed(tags, versions).into_iter().next();
         }
-        let candidates = Selection {
-            limit: None,
-            ..self.clone()
-        }
-        .apply(tags);
+        let candidates: Vec<(&Tag, Option<&TagVersion>)> = tags
+            .iter()
+            .zip(&versions.0)
+            .filter(|(t, v)| self.keeps(t) && (!self.semver_only || v.is_some()))
+            .map(|(t, v)| (t, v.as_ref()))
+            .collect();
         let released = candidates
             .iter()
-            .filter_map(|t| TagVersion::parse(&t.name).map(|v| (*t, v)))
+            .filter_map(|(t, v)| v.map(|v| (*t, v)))
             .filter(|(_, v)| !v.is_prerelease())
-            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.name.cmp(&a.0.name)));
+            .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.name.cmp(&a.0.name)));
         if let Some((t, _)) = released {
             return Some(t);
         }
         candidates
             .into_iter()
+            .map(|(t, _)| t)
             .min_by(|a, b| by_date(b, a).then_with(|| a.name.cmp(&b.name)))
     }
 
@@ -114,13 +141,23 @@ impl Selection {
     }
 }
 
+/// Each tag's version ([`TagVersion::parse`] of its name), in the order of the tag list.
+#[derive(Debug, Default)]
+pub struct VersionIndex(Vec<Option<TagVersion>>);
+
+impl VersionIndex {
+    pub fn new(tags: &[Tag]) -> VersionIndex {
+        VersionIndex(tags.iter().map(|t| TagVersion::parse(&t.name)).collect())
+    }
+}
+
 /// Oldest first; unknown dates before every known one.
 fn by_date(a: &Tag, b: &Tag) -> Ordering {
     a.last_updated.cmp(&b.last_updated)
 }
 
 /// Lowest version first; tags that are not versions always go last, whatever the order.
-fn by_version(a: &Option<TagVersion>, b: &Option<TagVersion>, desc: bool) -> Ordering {
+fn by_version(a: Option<&TagVersion>, b: Option<&TagVersion>, desc: bool) -> Ordering {
     match (a, b) {
         (Some(a), Some(b)) => a.cmp(b),
         (Some(_), None) if desc => Ordering::Greater,

@@ -10,16 +10,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
 use serde_json::{Value, json};
-use tokio::sync::Barrier;
 
 use crate::metrics::Scrape;
 use crate::report::{ItemResult, Row};
 use crate::service::{Logging, Service};
 use crate::stats::{median, round, summary};
 use crate::support::hub::generate_tags;
-use crate::support::registry::{Fault, ImageSpec, Kind};
+use crate::support::registry::{Fault, Kind};
 use crate::{Env, loadavg, progress};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -67,24 +65,7 @@ async fn setup(env: &Env) {
             generate_tags(plan.co_hub_tags, "2022-01-01T00:00:00Z"),
         );
     }
-    // Distinct content per image, so no fetch is shortened by another's digests.
-    let pusher = env.registry.pusher();
-    let pushes = (0..plan.co_images).flat_map(|i| {
-        (0..plan.co_oci_tags).map(move |k| {
-            let spec = ImageSpec::linux("amd64")
-                .created(&format!(
-                    "2021-{:02}-{:02}T00:00:00Z",
-                    i % 12 + 1,
-                    k % 28 + 1
-                ))
-                .salt(2_000_000 + (i * 1000 + k) as u64);
-            async move { pusher.push_image(&image(i), &format!("v{k}"), &spec).await }
-        })
-    });
-    use futures_util::StreamExt;
-    futures_util::stream::iter(pushes)
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
+    env.push_distinct(plan.co_images, plan.co_oci_tags, 2021, 2_000_000, image)
         .await;
 }
 
@@ -110,43 +91,8 @@ async fn storm(env: &Env, upstream: Upstream) -> Storm {
         })
         .collect();
     let paths = Arc::new(paths);
-    let barrier = Arc::new(Barrier::new(plan.co_clients));
     let started = Instant::now();
-    let clients = (0..plan.co_clients).map(|c| {
-        let (paths, barrier, base) = (paths.clone(), barrier.clone(), service.url.clone());
-        tokio::spawn(async move {
-            let client = crate::client();
-            let n = paths.len();
-            barrier.wait().await;
-            let mut seen = Vec::with_capacity(n);
-            for j in 0..n {
-                let path = &paths[(c + j) % n];
-                let t = Instant::now();
-                let resp = client.get(format!("{base}{path}")).send().await;
-                let (status, cache) = match resp {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let cache = r
-                            .headers()
-                            .get("x-cache")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        let _ = r.bytes().await;
-                        (status, cache)
-                    }
-                    Err(_) => (0, String::new()),
-                };
-                seen.push((status, cache, t.elapsed().as_secs_f64() * 1000.0));
-            }
-            seen
-        })
-    });
-    let results: Vec<(u16, String, f64)> = join_all(clients)
-        .await
-        .into_iter()
-        .flat_map(|r| r.expect("client task"))
-        .collect();
+    let results = crate::storm(std::slice::from_ref(&service.url), &paths, plan.co_clients).await;
     let seconds = started.elapsed().as_secs_f64();
     env.hub.set_delay(Duration::ZERO);
     env.proxy.clear_faults();
@@ -180,15 +126,15 @@ async fn storm(env: &Env, upstream: Upstream) -> Storm {
         .collect();
     let metric_fetches = Scrape::take(&env.client, &service.url).await.fetches();
     service.stop().await;
-    let count = |c: &str| results.iter().filter(|r| r.1 == c).count();
-    let mut latencies: Vec<f64> = results.iter().map(|r| r.2).collect();
+    let count = |c: &str| results.iter().filter(|r| r.x_cache == c).count();
+    let mut latencies: Vec<f64> = results.iter().map(|r| r.ms).collect();
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
     Storm {
         fetches_per_image,
         metric_fetches,
         requests: results.len(),
-        non_200: results.iter().filter(|r| r.0 != 200).count(),
+        non_200: results.iter().filter(|r| r.status != 200).count(),
         miss: count("miss"),
         hit: count("hit"),
         stale: count("stale"),

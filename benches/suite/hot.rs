@@ -9,6 +9,11 @@
 //! `sendfile off` (what the kernel copy of the body from user memory costs, which the proxy
 //! cannot avoid and nginx's sendfile does) and the proxy with `RUST_LOG=warn` (what the
 //! request log costs). Each ratio is computed per round, and its median quoted.
+//!
+//! Issue 4's answers for pollers run in the same rounds: the proxy answering
+//! `semver=true&limit=10` (the cached list narrowed, sorted and serialized per request) next to
+//! the plain answer, and `304` revalidations (`If-None-Match` with the proxy's ETag) next to
+//! nginx answering `304` to its own ETag.
 
 use serde_json::{Value, json};
 
@@ -29,29 +34,42 @@ const PROXY_WARN: Server = (2, "proxy_log_warn");
 const NGINX_PLAIN: Server = (3, "nginx_sendfile_off");
 const NGINX_GZIP: Server = (4, "nginx_gzip_static");
 const PROXY_GZIP: Server = (5, "proxy_gzip");
-const SERVERS: [Server; 6] = [
+const PROXY_SEMVER: Server = (6, "proxy_semver_limit_10");
+const NGINX_304: Server = (7, "nginx_304");
+const PROXY_304: Server = (8, "proxy_304");
+const SERVERS: [Server; 9] = [
     NGINX,
     PROXY,
     PROXY_WARN,
     NGINX_PLAIN,
     NGINX_GZIP,
     PROXY_GZIP,
+    PROXY_SEMVER,
+    NGINX_304,
+    PROXY_304,
 ];
 const GZIP: &str = "Accept-Encoding: gzip";
+/// Issue 4's selection: what an update checker asks for.
+const SEMVER_QUERY: &str = "&semver=true&limit=10";
 
 /// The order of the servers in round `r`: each ceiling right next to what is compared with
-/// it, so that a ratio compares runs seconds apart; the pairs rotate from round to round and
-/// swap places within the pair every other round, so none always runs first or last.
+/// it, so that a ratio compares runs seconds apart; the groups rotate from round to round and
+/// run in reverse order every other round, so none always runs first or last.
 fn round_order(r: usize) -> Vec<usize> {
-    let pairs = [
-        (NGINX.0, PROXY.0),
-        (NGINX_GZIP.0, PROXY_GZIP.0),
-        (NGINX_PLAIN.0, PROXY_WARN.0),
+    let groups: [&[Server]; 4] = [
+        &[NGINX, PROXY, PROXY_SEMVER],
+        &[NGINX_GZIP, PROXY_GZIP],
+        &[NGINX_PLAIN, PROXY_WARN],
+        &[NGINX_304, PROXY_304],
     ];
-    (0..pairs.len())
+    (0..groups.len())
         .flat_map(|k| {
-            let (a, b) = pairs[(r + k) % pairs.len()];
-            if r.is_multiple_of(2) { [a, b] } else { [b, a] }
+            let group = groups[(r + k) % groups.len()].iter().map(|s| s.0);
+            let mut group: Vec<usize> = group.collect();
+            if !r.is_multiple_of(2) {
+                group.reverse();
+            }
+            group
         })
         .collect()
 }
@@ -96,6 +114,15 @@ pub async fn run(env: &Env) -> ItemResult {
     }
     let (_, _, nginx_gzip) = raw_get(&zipped.url, &path, "gzip").await;
     assert_eq!(nginx_gzip, gzip, "nginx serves the proxy's gzip bytes");
+    let semver_path = format!("{path}{SEMVER_QUERY}");
+    let semver_body = get_body(env, &format!("{}{semver_path}", default.url)).await;
+    let semver_tags = serde_json::from_slice::<Vec<Value>>(&semver_body)
+        .expect("a JSON array")
+        .len();
+    assert_eq!(semver_tags, 10.min(plan.hot_tags), "semver=true&limit=10");
+    let proxy_etag = revalidates(env, &format!("{}{path}", default.url)).await;
+    let nginx_etag = revalidates(env, &format!("{}{path}", nginx.url)).await;
+    let if_none_match = |etag: &str| format!("If-None-Match: {etag}");
     let tags = serde_json::from_slice::<Vec<Value>>(&body)
         .expect("a JSON array")
         .len();
@@ -106,23 +133,54 @@ pub async fn run(env: &Env) -> ItemResult {
         (PROXY, format!("{}{path}", default.url), None),
         (PROXY_WARN, format!("{}{path}", quiet.url), None),
         (NGINX_PLAIN, format!("{}{path}", plain.url), None),
-        (NGINX_GZIP, format!("{}{path}", zipped.url), Some(GZIP)),
-        (PROXY_GZIP, format!("{}{path}", default.url), Some(GZIP)),
+        (
+            NGINX_GZIP,
+            format!("{}{path}", zipped.url),
+            Some(GZIP.to_owned()),
+        ),
+        (
+            PROXY_GZIP,
+            format!("{}{path}", default.url),
+            Some(GZIP.to_owned()),
+        ),
+        (PROXY_SEMVER, format!("{}{semver_path}", default.url), None),
+        (
+            NGINX_304,
+            format!("{}{path}", nginx.url),
+            Some(if_none_match(&nginx_etag)),
+        ),
+        (
+            PROXY_304,
+            format!("{}{path}", default.url),
+            Some(if_none_match(&proxy_etag)),
+        ),
     ];
     for (_, url, header) in &servers {
-        wrk.run(url, plan.hot_warmup_seconds, *header).await;
+        wrk.run(url, plan.hot_warmup_seconds, header.as_deref())
+            .await;
     }
     // rounds[r][server]
     let mut rounds: Vec<Vec<WrkRun>> = Vec::new();
     for r in 0..plan.hot_rounds {
         let mut got: Vec<Option<WrkRun>> = vec![None; servers.len()];
         for i in round_order(r) {
-            let run = wrk.run(&servers[i].1, plan.hot_seconds, servers[i].2).await;
+            let run = wrk
+                .run(&servers[i].1, plan.hot_seconds, servers[i].2.as_deref())
+                .await;
             assert_eq!(
                 run.errors, 0.0,
-                "{}: wrk saw errors or non-2xx answers",
+                "{}: wrk saw errors or answers of 400 and up",
                 servers[i].0.1
             );
+            if [NGINX_304, PROXY_304].contains(&servers[i].0) {
+                // wrk does not count statuses below 400: bodiless 304s are how to tell.
+                let per_request = run.bytes / run.requests.max(1.0);
+                assert!(
+                    per_request < 1000.0,
+                    "{}: {per_request:.0} bytes per answer, not a 304",
+                    servers[i].0.1
+                );
+            }
             got[i] = Some(run);
         }
         let runs: Vec<WrkRun> = got
@@ -131,7 +189,8 @@ pub async fn run(env: &Env) -> ItemResult {
             .collect();
         progress(&format!(
             "  round {}: nginx {:.0}/s, proxy {:.0}/s ({:.2}); proxy RUST_LOG=warn {:.0}/s, \
-             nginx without sendfile {:.0}/s; gzip: nginx {:.0}/s, proxy {:.0}/s",
+             nginx without sendfile {:.0}/s; gzip: nginx {:.0}/s, proxy {:.0}/s; \
+             semver&limit {:.0}/s; 304: nginx {:.0}/s, proxy {:.0}/s",
             r + 1,
             runs[NGINX.0].rps(),
             runs[PROXY.0].rps(),
@@ -140,6 +199,9 @@ pub async fn run(env: &Env) -> ItemResult {
             runs[NGINX_PLAIN.0].rps(),
             runs[NGINX_GZIP.0].rps(),
             runs[PROXY_GZIP.0].rps(),
+            runs[PROXY_SEMVER.0].rps(),
+            runs[NGINX_304.0].rps(),
+            runs[PROXY_304.0].rps(),
         ));
         rounds.push(runs);
     }
@@ -166,6 +228,9 @@ pub async fn run(env: &Env) -> ItemResult {
     let ratio_quiet = ratio_of(PROXY_WARN, NGINX);
     let ratio_plain = ratio_of(PROXY, NGINX_PLAIN);
     let ratio_gzip = ratio_of(PROXY_GZIP, NGINX_GZIP);
+    let ratio_semver = ratio_of(PROXY_SEMVER, PROXY);
+    let ratio_304 = ratio_of(PROXY_304, NGINX_304);
+    let ratio_304_to_200 = ratio_of(PROXY_304, PROXY);
     let p99_ratio: Vec<f64> = rounds
         .iter()
         .map(|r| r[PROXY.0].p99_us / r[NGINX.0].p99_us)
@@ -194,6 +259,10 @@ pub async fn run(env: &Env) -> ItemResult {
         "ratio_proxy_to_nginx_without_sendfile": summary(&ratio_plain),
         "ratio_proxy_gzip_to_nginx_gzip_static": summary(&ratio_gzip),
         "ratio_p99_proxy_to_nginx": summary(&p99_ratio),
+        "semver_query": SEMVER_QUERY,
+        "ratio_proxy_semver_limit_10_to_proxy": summary(&ratio_semver),
+        "ratio_proxy_304_to_nginx_304": summary(&ratio_304),
+        "ratio_proxy_304_to_proxy_200": summary(&ratio_304_to_200),
         "target_ratio": 0.8,
         "target_met": median(&ratio) >= 0.8,
         "proxy_log_bytes_per_line": round(log.len() as f64 / log_lines.max(1) as f64, 1),
@@ -271,6 +340,40 @@ pub async fn run(env: &Env) -> ItemResult {
             met: None,
             noise: noise(&ratio_plain),
         },
+        Row {
+            item: "1",
+            measure: format!(
+                "issue 4: hot `/tags?…{SEMVER_QUERY}` (selection per request): req/s, p99"
+            ),
+            value: format!(
+                "{:.0}/s, p99 {:.2} ms",
+                median(&rps(PROXY_SEMVER)),
+                median(&p99(PROXY_SEMVER))
+            ),
+            against: format!("the plain answer {:.0}/s", median(&rps(PROXY))),
+            ratio: format!("{:.2}", median(&ratio_semver)),
+            target: "–".into(),
+            met: None,
+            noise: noise(&ratio_semver),
+        },
+        Row {
+            item: "1",
+            measure: "issue 4: hot `/tags` revalidated, `If-None-Match` → `304`: req/s, p99".into(),
+            value: format!(
+                "{:.0}/s, p99 {:.2} ms",
+                median(&rps(PROXY_304)),
+                median(&p99(PROXY_304))
+            ),
+            against: format!(
+                "nginx `304` {:.0}/s, p99 {:.2} ms",
+                median(&rps(NGINX_304)),
+                median(&p99(NGINX_304))
+            ),
+            ratio: format!("{:.2}", median(&ratio_304)),
+            target: "–".into(),
+            met: None,
+            noise: noise(&ratio_304),
+        },
     ];
     ItemResult {
         json,
@@ -294,6 +397,25 @@ async fn cache_and_check(env: &Env, base: &str, path: &str) -> (Vec<u8>, bool) {
     );
     let truncated = second.headers().contains_key("x-tags-truncated");
     (second.bytes().await.expect("body").to_vec(), truncated)
+}
+
+/// Checks that `url` answers `304` to `If-None-Match` with its own ETag, and returns the ETag.
+async fn revalidates(env: &Env, url: &str) -> String {
+    let first = env.client.get(url).send().await.expect("GET");
+    assert_eq!(first.status(), 200, "{url}");
+    let etag = first.headers()["etag"]
+        .to_str()
+        .expect("an ASCII ETag")
+        .to_owned();
+    let again = env
+        .client
+        .get(url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("GET with If-None-Match");
+    assert_eq!(again.status(), 304, "{url} revalidates {etag}");
+    etag
 }
 
 async fn get_body(env: &Env, url: &str) -> Vec<u8> {

@@ -10,7 +10,7 @@
 //! load generator. Every loop is bounded in count and time, and the whole run is bounded too.
 //!
 //! Flags (after `--`): `--quick`, `--reps N`, `--out FILE.json`, `--only ITEM,...` where ITEM is
-//! one of hot, cold, requests, coalescing, memory (memory includes restart).
+//! one of hot, cold, requests, coalescing, memory (memory includes restart), replicas.
 
 #[path = "../../tests/it/support/mod.rs"]
 mod support;
@@ -22,24 +22,34 @@ mod immutable;
 mod load;
 mod memory;
 mod metrics;
+mod replicas;
 mod report;
 mod requests;
 mod service;
 mod stats;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+use tokio::sync::Barrier;
 
 use crate::immutable::ImmutableCache;
 use crate::service::Upstreams;
 use crate::support::hub::HubFake;
-use crate::support::registry::{CountingProxy, Registry, RegistryAuth, TagPaging};
+use crate::support::registry::{CountingProxy, ImageSpec, Kind, Registry, RegistryAuth, TagPaging};
 
 /// Item names for `--only`.
-const ITEMS: [&str; 5] = ["hot", "cold", "requests", "coalescing", "memory"];
+const ITEMS: [&str; 6] = [
+    "hot",
+    "cold",
+    "requests",
+    "coalescing",
+    "memory",
+    "replicas",
+];
 
 /// What to run and how big.
 #[derive(Clone, Debug)]
@@ -73,6 +83,17 @@ pub struct Plan {
     pub mem_images: usize,
     pub mem_tags: usize,
     pub restarts: usize,
+    /// Item 7, part 1: uncached Docker Hub and OCI images and their tags, clients (a multiple
+    /// of 6, so 1, 2 and 3 replicas get the same clients each), `--refresh-interval`.
+    pub rep_hub_images: usize,
+    pub rep_hub_tags: usize,
+    pub rep_oci_images: usize,
+    pub rep_oci_tags: usize,
+    pub rep_clients: usize,
+    pub rep_refresh: Duration,
+    /// Item 7, part 2: Docker Hub images read from Redis, and their tags.
+    pub lat_images: usize,
+    pub lat_tags: usize,
     /// The whole run is cut off (and fails) after this long.
     pub budget: Duration,
 }
@@ -100,6 +121,14 @@ impl Plan {
             mem_images: 1000,
             mem_tags: 100,
             restarts: 5,
+            rep_hub_images: 10,
+            rep_hub_tags: 300,
+            rep_oci_images: 10,
+            rep_oci_tags: 10,
+            rep_clients: 30,
+            rep_refresh: Duration::from_secs(3),
+            lat_images: 200,
+            lat_tags: 100,
             budget: Duration::from_secs(14 * 60),
         };
         let mut plan = match quick {
@@ -115,6 +144,12 @@ impl Plan {
                 co_oci_tags: 5,
                 mem_images: 100,
                 restarts: 1,
+                rep_hub_images: 4,
+                rep_hub_tags: 200,
+                rep_oci_images: 4,
+                rep_oci_tags: 3,
+                rep_clients: 12,
+                lat_images: 50,
                 budget: Duration::from_secs(4 * 60),
                 ..full
             },
@@ -234,6 +269,127 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Pushes `tags` tags to each of `images` images named by `name`, every image with its own
+    /// content (`salt` apart from every other item's), so no fetch is shortened by another
+    /// image's digests. Tag `v{k}` of image `i` is dated `{year}-MM-DD` by `i` and `k`.
+    pub async fn push_distinct(
+        &self,
+        images: usize,
+        tags: usize,
+        year: u32,
+        salt: u64,
+        name: impl Fn(usize) -> String,
+    ) {
+        use futures_util::StreamExt;
+        let pusher = self.registry.pusher();
+        let name = &name;
+        let pushes = (0..images).flat_map(|i| {
+            (0..tags).map(move |k| {
+                let spec = ImageSpec::linux("amd64")
+                    .created(&format!(
+                        "{year}-{:02}-{:02}T00:00:00Z",
+                        i % 12 + 1,
+                        k % 28 + 1
+                    ))
+                    .salt(salt + (i * 1000 + k) as u64);
+                async move { pusher.push_image(&name(i), &format!("v{k}"), &spec).await }
+            })
+        });
+        futures_util::stream::iter(pushes)
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
+            .await;
+    }
+
+    /// What arrived at the registry side (the counting proxy), by the service's request kinds.
+    pub fn registry_arrived(&self) -> metrics::Counts {
+        let kinds = [
+            Kind::TagList,
+            Kind::ManifestHead,
+            Kind::ManifestGet,
+            Kind::Blob,
+            Kind::Token,
+        ];
+        metrics::KINDS
+            .iter()
+            .zip(kinds)
+            .map(|(name, kind)| (*name, self.proxy.count(kind) as u64))
+            .collect()
+    }
+}
+
+/// `GET url`, which must answer `200` with exactly `tags` tags; the body's length.
+pub async fn get_all_tags(client: &reqwest::Client, url: &str, tags: usize) -> u64 {
+    let resp = client.get(url).send().await.expect("/tags");
+    assert_eq!(resp.status(), 200, "{url}");
+    let body = resp.bytes().await.expect("body");
+    let n = serde_json::from_slice::<Vec<serde_json::Value>>(&body)
+        .expect("JSON")
+        .len();
+    assert_eq!(n, tags, "{url}: every tag");
+    body.len() as u64
+}
+
+/// One answer of a [`storm`]: status (0 when the request failed), `X-Cache`, and the time from
+/// sending to the last byte, in milliseconds.
+pub struct Answer {
+    pub status: u16,
+    pub x_cache: String,
+    pub ms: f64,
+}
+
+/// `clients` clients, each with its own connection pool, released at once by a barrier; client
+/// `c` talks to `bases[c mod N]` and asks for every path once, in an order rotated per client,
+/// so that every path is asked for by several clients at the same moment.
+pub async fn storm(bases: &[String], paths: &Arc<Vec<String>>, clients: usize) -> Vec<Answer> {
+    let barrier = Arc::new(Barrier::new(clients));
+    let tasks = (0..clients).map(|c| {
+        let (paths, barrier) = (paths.clone(), barrier.clone());
+        let base = bases[c % bases.len()].clone();
+        tokio::spawn(async move {
+            let client = crate::client();
+            let n = paths.len();
+            barrier.wait().await;
+            let mut seen = Vec::with_capacity(n);
+            for j in 0..n {
+                let path = &paths[(c + j) % n];
+                let t = Instant::now();
+                let (status, x_cache) = match client.get(format!("{base}{path}")).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let x_cache = x_cache(&r);
+                        let _ = r.bytes().await;
+                        (status, x_cache)
+                    }
+                    Err(_) => (0, String::new()),
+                };
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                seen.push(Answer {
+                    status,
+                    x_cache,
+                    ms,
+                });
+            }
+            seen
+        })
+    });
+    futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flat_map(|r| r.expect("client task"))
+        .collect()
+}
+
+/// The answer's `X-Cache` header (empty when absent).
+pub fn x_cache(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// A client that never uses an environment proxy (traffic stays on loopback), asks for
 /// uncompressed bodies (as wrk does: the answers measured are the identity JSON), and waits
 /// longer than the slowest measured request.
@@ -323,6 +479,9 @@ async fn run(plan: Plan, options: &Options) {
         let (memory, restart) = memory::run(&env).await;
         report.add("memory", memory);
         report.add("restart", restart);
+    }
+    if selected("replicas") {
+        report.add("replicas", replicas::run(&env).await);
     }
     let out = options.out.clone().unwrap_or_else(|| {
         let name = if plan.quick { "quick" } else { "results" };

@@ -85,16 +85,7 @@ async fn fill(env: &Env) -> (Fill, Service, std::path::PathBuf) {
             let url = format!("{base}/tags?image={}", image(i));
             let client = env.client.clone();
             let tags = plan.mem_tags;
-            async move {
-                let resp = client.get(&url).send().await.expect("/tags");
-                assert_eq!(resp.status(), 200, "{url}");
-                let body = resp.bytes().await.expect("body");
-                let n = serde_json::from_slice::<Vec<Value>>(&body)
-                    .expect("JSON")
-                    .len();
-                assert_eq!(n, tags, "{url}: every tag");
-                body.len() as u64
-            }
+            async move { crate::get_all_tags(&client, &url, tags).await }
         })
         .buffer_unordered(FILL_CONCURRENCY)
         .collect()

@@ -3,6 +3,9 @@
 use std::collections::BTreeMap;
 
 /// The request kinds of `tag_proxy_upstream_requests_total`, in report order.
+/// Request counts by kind (the keys of [`KINDS`]).
+pub type Counts = std::collections::BTreeMap<&'static str, u64>;
+
 pub const KINDS: [&str; 5] = ["tag_page", "manifest_head", "manifest_get", "blob", "token"];
 
 /// One scrape: every sample as (metric name, labels, value).

@@ -178,6 +178,11 @@ fn plan_json(p: &Plan) -> Value {
         "coalescing": { "images": p.co_images, "clients": p.co_clients,
                         "hub_tags_per_image": p.co_hub_tags, "oci_tags_per_image": p.co_oci_tags },
         "memory": { "images": p.mem_images, "tags_per_image": p.mem_tags, "restarts": p.restarts },
+        "replicas": { "hub_images": p.rep_hub_images, "hub_tags_per_image": p.rep_hub_tags,
+                      "oci_images": p.rep_oci_images, "oci_tags_per_image": p.rep_oci_tags,
+                      "clients": p.rep_clients,
+                      "refresh_interval_ms": p.rep_refresh.as_millis() as u64,
+                      "latency_images": p.lat_images, "latency_tags_per_image": p.lat_tags },
         "budget_s": p.budget.as_secs(),
     })
 }

@@ -7,23 +7,20 @@
 //! service runs with `--refresh-interval 1s`; a request after that second is answered stale
 //! and starts the background refresh, which is awaited through `/metrics`.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::cold;
-use crate::metrics::{KINDS, Scrape, delta};
+use crate::metrics::{Counts, KINDS, Scrape, delta};
 use crate::report::{ItemResult, Row};
 use crate::service::{Logging, Service};
 use crate::support::hub::{HubTag, generate_tags};
-use crate::support::registry::{ImageSpec, Kind, ManyTags};
+use crate::support::registry::{ImageSpec, ManyTags};
 use crate::{Env, loadavg, progress};
 
 const HUB_IMAGE: &str = "bench/requests";
 const PHASES: [&str; 3] = ["cold", "unchanged", "moved"];
-
-type Counts = BTreeMap<&'static str, u64>;
 
 /// One phase: what the service sent (by kind) and what arrived upstream.
 #[derive(Clone, PartialEq)]
@@ -262,21 +259,6 @@ fn hub_arrived(env: &Env) -> Counts {
     counts
 }
 
-fn proxy_arrived(env: &Env) -> Counts {
-    let kinds = [
-        Kind::TagList,
-        Kind::ManifestHead,
-        Kind::ManifestGet,
-        Kind::Blob,
-        Kind::Token,
-    ];
-    KINDS
-        .iter()
-        .zip(kinds)
-        .map(|(name, kind)| (*name, env.proxy.count(kind) as u64))
-        .collect()
-}
-
 async fn hub_phases(env: &Env, rep: usize) -> [Phase; 3] {
     let plan = &env.plan;
     let original = generate_tags(plan.tags, "2023-01-01T00:00:00Z");
@@ -371,7 +353,7 @@ async fn oci_phases(env: &Env, rep: usize) -> [Phase; 3] {
     let m1 = sent(env, &service).await;
     let cold = Phase {
         sent: delta(&m0, &m1),
-        arrived: proxy_arrived(env),
+        arrived: env.registry_arrived(),
     };
 
     env.proxy.reset();
@@ -379,7 +361,7 @@ async fn oci_phases(env: &Env, rep: usize) -> [Phase; 3] {
     let m2 = sent(env, &service).await;
     let unchanged = Phase {
         sent: delta(&m1, &m2),
-        arrived: proxy_arrived(env),
+        arrived: env.registry_arrived(),
     };
 
     // Move tags to new images, pushed straight to the registry (not through the counter).
@@ -403,7 +385,7 @@ async fn oci_phases(env: &Env, rep: usize) -> [Phase; 3] {
     let m3 = sent(env, &service).await;
     let moved = Phase {
         sent: delta(&m2, &m3),
-        arrived: proxy_arrived(env),
+        arrived: env.registry_arrived(),
     };
     let body = hit(env, &service, &path).await;
     for (tag, digest) in &expected {

@@ -53,7 +53,9 @@ pub async fn get_tags(
     let payload = if query.selection.is_identity() {
         Payload::Cached(entry.clone())
     } else {
-        let tags = query.selection.apply(&entry.list.tags);
+        let tags = query
+            .selection
+            .apply_indexed(&entry.list.tags, entry.versions());
         Payload::json(&tags)
     };
     log_ok(&query, &entry, cache, started, "tags");
@@ -86,7 +88,11 @@ pub async fn get_latest(
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };
-    let Some(best) = query.selection.best(&entry.list.tags, query.explicit_sort) else {
+    let Some(best) =
+        query
+            .selection
+            .best_indexed(&entry.list.tags, entry.versions(), query.explicit_sort)
+    else {
         return ApiError::NoMatch(query.image.to_string()).into_response();
     };
     let payload = match query.format {

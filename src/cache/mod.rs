@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::encoding::Encoding;
 use crate::model::TagList;
+use crate::selection::VersionIndex;
 use crate::upstream::UpstreamError;
 use crate::upstream::manifest::DigestInfo;
 use disk::{DiskStore, Table};
@@ -77,17 +78,26 @@ pub struct CachedTags {
     pub body: Bytes,
     pub etag: String,
     encoded: [OnceLock<Bytes>; 2],
+    /// The tags' versions, parsed on the first request that selects or sorts.
+    versions: OnceLock<VersionIndex>,
 }
 
 impl CachedTags {
     pub fn new(list: TagList) -> CachedTags {
-        let body = Bytes::from(serde_json::to_vec(&list.tags).expect("tags serialize"));
+        let body = crate::sendfile::freeze(serde_json::to_vec(&list.tags).expect("tags serialize"));
         CachedTags {
             etag: crate::api::encoding::etag_of(&body),
             list,
             body,
             encoded: Default::default(),
+            versions: OnceLock::new(),
         }
+    }
+
+    /// The tags' versions, parsed once per entry.
+    pub fn versions(&self) -> &VersionIndex {
+        self.versions
+            .get_or_init(|| VersionIndex::new(&self.list.tags))
     }
 
     /// The body in `encoding`, compressed once per entry.
@@ -97,7 +107,9 @@ impl CachedTags {
             Encoding::Gzip => &self.encoded[0],
             Encoding::Brotli => &self.encoded[1],
         };
-        slot.get_or_init(|| encoding.compress(&self.body)).clone()
+        // Frozen (memory-mapped, sent with `sendfile`) like the body: made once, sent many times.
+        slot.get_or_init(|| crate::sendfile::freeze(encoding.compress(&self.body).into()))
+            .clone()
     }
 }
 
@@ -124,8 +136,8 @@ impl TagCache {
         if let Some(hit) = self.memory.get(key).await {
             return Some(hit);
         }
-        let shared = self.get_shared(key).await;
-        let local = self.get_disk(key).await;
+        // Both at once: a Redis round trip and a disk read, neither waiting for the other.
+        let (shared, local) = tokio::join!(self.get_shared(key), self.get_disk(key));
         let entry = match (shared, local) {
             (Some(s), Some(d)) if d.list.fetched_at > s.list.fetched_at => d,
             (Some(s), _) => s,
