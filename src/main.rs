@@ -21,6 +21,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let _log = oci_tag_proxy::telemetry::init();
     let settings = Settings::try_from(Cli::parse())?;
+    // Cached answers and connections both take descriptors (see `sendfile`).
+    let open_files = oci_tag_proxy::sendfile::raise_open_file_limit();
+    tracing::debug!(?open_files, "open-file limit");
     tracing::debug!(?settings, "configuration");
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await

@@ -21,23 +21,37 @@
 //! the `memfd` behind it is sealed against every write, so the pages the kernel references
 //! cannot change under a response in flight.
 //!
-//! Mapped bodies cost one file descriptor and one mapping each, so there are at most
-//! [`MAX_MAPPED`] of them at a time and only bodies of at least [`MIN_MAPPED_LEN`] bytes get one;
-//! past the limit, or if the kernel refuses (`EMFILE`, no `memfd`), a body simply stays on the
-//! heap and is written the ordinary way. Linux only; elsewhere [`freeze`] keeps the heap.
+//! Mapped bodies cost one file descriptor and one mapping each, so only bodies of at least
+//! [`MIN_MAPPED_LEN`] bytes get one, and at most [`MAX_MAPPED`] of them, and never more than a
+//! quarter of the process's open-file limit, exist at a time: the descriptors a busy server
+//! needs for its connections always come first. [`raise_open_file_limit`] (called once at
+//! start) lifts the soft limit to the hard one, as nginx's `worker_rlimit_nofile` and Go's
+//! runtime do, because service managers and container runtimes often start processes with a
+//! soft limit of 1,024. Past the cap, or if the kernel refuses (`EMFILE`, no `memfd`), a body
+//! simply stays on the heap and is written the ordinary way. Linux only; elsewhere [`freeze`]
+//! keeps the heap.
 
 use bytes::Bytes;
 
-pub use imp::{Listener, listen};
+pub use imp::{Listener, listen, raise_open_file_limit};
 
 /// Bodies smaller than this are copied: below it the copy costs less than the `sendfile`
 /// bookkeeping, and small bodies are most of the cache (a 100-tag answer is about 22 KB).
 pub const MIN_MAPPED_LEN: usize = 32 * 1024;
 
-/// At most this many mapped bodies at once (one file descriptor and one mapping each). The
-/// memory tier keeps up to `--memory-entries` answers with up to three forms each; only the
-/// large ones count here, and past the limit the rest stay on the heap.
+/// At most this many mapped bodies at once (one file descriptor and one mapping each), and at
+/// most a quarter of the open-file limit. The memory tier keeps up to `--memory-entries`
+/// answers with up to three forms each; only the large ones count here, and past the limit the
+/// rest stay on the heap.
 pub const MAX_MAPPED: usize = 4096;
+
+/// How many mapped bodies may exist at once, given an open-file soft limit.
+pub fn mapped_cap(open_file_limit: Option<u64>) -> usize {
+    match open_file_limit {
+        None => MAX_MAPPED,
+        Some(limit) => MAX_MAPPED.min(usize::try_from(limit / 4).unwrap_or(usize::MAX)),
+    }
+}
 
 /// `data` as [`Bytes`]: mapped from a sealed `memfd` when it is large enough and a slot is free
 /// (so that [`Listener`]'s connections send it with `sendfile`), else on the heap.
@@ -60,7 +74,7 @@ mod imp {
     use std::os::fd::{AsFd, OwnedFd};
     use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, RwLock};
+    use std::sync::{Arc, OnceLock, RwLock};
     use std::task::{Context, Poll, ready};
 
     use bytes::Bytes;
@@ -70,7 +84,7 @@ mod imp {
     use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::MAX_MAPPED;
+    use super::mapped_cap;
 
     /// A registered mapping: where it starts and how long it is, and its `memfd`.
     struct Region {
@@ -81,7 +95,7 @@ mod imp {
     /// Live mappings by start address. Written when a large answer is cached or dropped (rare),
     /// read on every write of a connection (cheap: one uncontended read lock and a tree lookup).
     static REGIONS: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
-    /// Mappings alive, for the [`MAX_MAPPED`] limit and to skip the lookup when there are none.
+    /// Mappings alive, for the cap and to skip the lookup when there are none.
     static MAPPED: AtomicUsize = AtomicUsize::new(0);
 
     /// The owner of one mapping, kept alive by the [`Bytes`] that point into it.
@@ -116,8 +130,36 @@ mod imp {
         }
     }
 
+    /// The open-file soft limit now (`None`: unlimited).
+    fn open_file_limit() -> Option<u64> {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+    }
+
+    /// Raises the open-file soft limit to the hard limit; returns the soft limit in force.
+    pub fn raise_open_file_limit() -> Option<u64> {
+        use rustix::process::{Resource, setrlimit};
+        let limit = rustix::process::getrlimit(Resource::Nofile);
+        if limit.current != limit.maximum {
+            let raised = rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, raised) {
+                tracing::debug!(error = %e, "open-file limit not raised");
+            }
+        }
+        open_file_limit()
+    }
+
+    /// The cap on mapped bodies, from the open-file limit when the first body is mapped (after
+    /// [`raise_open_file_limit`] at start).
+    fn cap() -> usize {
+        static CAP: OnceLock<usize> = OnceLock::new();
+        *CAP.get_or_init(|| mapped_cap(open_file_limit()))
+    }
+
     pub fn map(data: Vec<u8>) -> Bytes {
-        if MAPPED.fetch_add(1, Ordering::Relaxed) >= MAX_MAPPED {
+        if MAPPED.fetch_add(1, Ordering::Relaxed) >= cap() {
             MAPPED.fetch_sub(1, Ordering::Relaxed);
             return Bytes::from(data);
         }
@@ -313,7 +355,7 @@ mod imp {
 
     #[cfg(test)]
     mod tests {
-        use super::super::{MIN_MAPPED_LEN, freeze, is_mapped};
+        use super::super::{MAX_MAPPED, MIN_MAPPED_LEN, freeze, is_mapped};
         use super::*;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -334,6 +376,15 @@ mod imp {
             assert!(!is_mapped(&small));
             let heap = pattern(MIN_MAPPED_LEN + 1);
             assert!(!is_mapped(&heap));
+        }
+
+        #[test]
+        fn the_cap_leaves_three_quarters_of_the_descriptors_to_connections() {
+            assert_eq!(mapped_cap(Some(1024)), 256);
+            assert_eq!(mapped_cap(Some(1_048_576)), MAX_MAPPED);
+            assert_eq!(mapped_cap(None), MAX_MAPPED);
+            assert_eq!(mapped_cap(Some(3)), 0);
+            assert!(cap() <= MAX_MAPPED);
         }
 
         #[test]
@@ -406,6 +457,10 @@ mod imp {
 
     pub fn map(data: Vec<u8>) -> Bytes {
         Bytes::from(data)
+    }
+
+    pub fn raise_open_file_limit() -> Option<u64> {
+        None
     }
 
     pub fn is_mapped(_: &[u8]) -> bool {

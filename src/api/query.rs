@@ -112,8 +112,19 @@ pub fn parse(app: &AppState, query: &str, allow_format: bool) -> Result<TagsQuer
     })
 }
 
-/// Decodes the pairs, refusing unknown and repeated names.
+/// Decodes the pairs, refusing unknown and repeated names and text that is not UTF-8.
 fn collect(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+    // `form_urlencoded` decodes invalid UTF-8 lossily (to U+FFFD), which would quietly turn
+    // `filter=%ff` into a pattern nobody sent. The separators are ASCII and no multi-byte
+    // character contains an ASCII byte, so the whole string decodes to UTF-8 exactly when
+    // every name and value does.
+    if std::str::from_utf8(&percent_encoding::percent_decode_str(query).collect::<Vec<u8>>())
+        .is_err()
+    {
+        return Err(bad(
+            "the query string is not UTF-8 once percent-decoded".into()
+        ));
+    }
     let mut pairs: Vec<(String, String)> = Vec::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         if !TagsParams::NAMES.contains(&k.as_ref()) {

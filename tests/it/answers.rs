@@ -345,6 +345,9 @@ async fn every_invalid_value_is_400() {
         ("limit=1.5", "\"limit\""),
         ("format=text", "only for /tags/latest"),
         ("limit=1&limit=2", "more than once"),
+        ("filter=%ff", "not UTF-8"),
+        ("exclude=a%C3", "not UTF-8"),
+        ("arch=%C3%28", "not UTF-8"),
     ] {
         let resp = app.get(&format!("/tags?image=nginx&{query}")).await;
         assert_eq!(resp.status(), 400, "{query}");
