@@ -183,3 +183,121 @@ async fn answers_survive_kill_9() {
     assert_eq!(two.status(), 200, "the database is usable after kill -9");
     bin.terminate().await;
 }
+
+/// Reads one HTTP/1.1 response (with `Content-Length`) from `stream`, `chunk` bytes at a time
+/// with a pause between reads, as a slow client would: returns the head and the body.
+async fn read_response_slowly(
+    stream: &mut tokio::net::TcpStream,
+    pending: &mut Vec<u8>,
+    chunk: usize,
+) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; chunk];
+    let mut read_more = async |pending: &mut Vec<u8>| {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "connection closed mid-response");
+        pending.extend_from_slice(&buf[..n]);
+    };
+    let head_end = loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        read_more(pending).await;
+    };
+    let head = String::from_utf8(pending[..head_end].to_vec()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .expect("content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    while pending.len() < head_end + length {
+        read_more(pending).await;
+    }
+    let body = pending[head_end..head_end + length].to_vec();
+    pending.drain(..head_end + length);
+    (head, body)
+}
+
+/// Large cached answers are sent with `sendfile` from sealed memfds (`src/sendfile.rs`): the
+/// real binary, started with a low open-file soft limit, raises it, keeps its 1,000-tag
+/// answer in a memfd, and every client gets the same bytes: a fast one, one reading slowly
+/// with two requests pipelined on one connection (so `sendfile` writes short and resumes),
+/// and one that asks for gzip.
+#[tokio::test]
+async fn large_answers_are_sent_from_sealed_memfds_byte_for_byte() {
+    use tokio::io::AsyncWriteExt;
+    let hub = HubFake::start().await;
+    hub.add_repo("acme/big", generate_tags(1000, "2024-01-01T00:00:00Z"));
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("docker={}", hub.url());
+    let args = ["--registry-endpoint", endpoint.as_str()];
+    let bin = Binary::spawn_with_open_file_limit(dir.path(), &args, 64).await;
+
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", bin.pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3], open_files[4],
+        "soft limit raised to the hard one: {limits}"
+    );
+
+    let miss = bin.get("/tags?image=acme/big").await;
+    assert_eq!(miss.headers()["x-cache"], "miss");
+    let expected = miss.bytes().await.unwrap().to_vec();
+    assert!(expected.len() > 200_000, "{} bytes", expected.len());
+    let tags: Value = serde_json::from_slice(&expected).unwrap();
+    assert_eq!(tags.as_array().unwrap().len(), 1000);
+    let hit = bin.get("/tags?image=acme/big").await;
+    assert_eq!(hit.headers()["x-cache"], "hit");
+    assert_eq!(hit.bytes().await.unwrap().to_vec(), expected);
+
+    let memfds = std::fs::read_dir(format!("/proc/{}/fd", bin.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|target| {
+            target
+                .to_string_lossy()
+                .starts_with("/memfd:oci-tag-proxy-answer")
+        })
+        .count();
+    assert!(memfds >= 1, "the answer is held in a memfd");
+
+    let addr = bin.url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!("GET /tags?image=acme/big HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(format!("{request}{request}").as_bytes())
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        let (head, body) = read_response_slowly(&mut stream, &mut pending, 4096).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, expected, "slow pipelined reader gets the same bytes");
+    }
+
+    let gzip = reqwest::Client::builder()
+        .no_proxy()
+        .gzip(true)
+        .build()
+        .unwrap()
+        .get(format!("{}/tags?image=acme/big", bin.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gzip.status(), 200);
+    assert_eq!(gzip.bytes().await.unwrap().to_vec(), expected);
+    let status = bin.terminate().await;
+    assert!(status.success(), "{status:?}");
+}

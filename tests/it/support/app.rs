@@ -157,6 +157,16 @@ pub struct Binary {
 impl Binary {
     /// Runs `oci-tag-proxy` with `args` on a free port and waits until `/healthz` answers.
     pub async fn spawn(dir: &Path, args: &[&str]) -> Binary {
+        Binary::launch(dir, args, None).await
+    }
+
+    /// Like [`Binary::spawn`], started with an open-file soft limit of `soft` (the hard limit
+    /// as it is), as service managers and container runtimes often start services.
+    pub async fn spawn_with_open_file_limit(dir: &Path, args: &[&str], soft: u64) -> Binary {
+        Binary::launch(dir, args, Some(soft)).await
+    }
+
+    async fn launch(dir: &Path, args: &[&str], soft_open_files: Option<u64>) -> Binary {
         let port = free_port();
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_oci-tag-proxy"));
         cmd.args(["--dir", dir.to_str().unwrap(), "--port", &port.to_string()])
@@ -166,6 +176,20 @@ impl Binary {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        if let Some(soft) = soft_open_files {
+            use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+            let hard = getrlimit(Resource::Nofile).maximum;
+            // SAFETY: setrlimit(2) is async-signal-safe, and the closure touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = Rlimit {
+                        current: Some(soft),
+                        maximum: hard,
+                    };
+                    setrlimit(Resource::Nofile, limit).map_err(std::io::Error::from)
+                });
+            }
+        }
         let child = cmd.spawn().expect("binary starts");
         let url = format!("http://127.0.0.1:{port}");
         wait_healthy(&url).await;
@@ -178,6 +202,11 @@ impl Binary {
             .send()
             .await
             .expect("binary answers")
+    }
+
+    /// The child's process ID (to read its `/proc` entry).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
     }
 
     /// SIGKILL, no chance to clean up.
