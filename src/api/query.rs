@@ -47,16 +47,16 @@ pub struct TagsParams {
     pub arch: Option<String>,
     /// At most this many tags, after filtering and sorting (1 to 100000).
     pub limit: Option<usize>,
-    /// `/tags/latest` only: `json` (default, one tag object) or `text` (the tag name alone).
-    pub format: Option<String>,
 }
 
 impl TagsParams {
     pub const NAMES: &[&str] = &[
         "image", "registry", "sort", "order", "semver", "filter", "exclude", "arch", "limit",
-        "format",
     ];
 }
+
+/// The one parameter that only `/tags/latest` takes (documented on that path alone).
+pub const FORMAT: &str = "format";
 
 /// `/tags/latest?format=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ fn bad(message: String) -> ApiError {
 pub fn parse(app: &AppState, query: &str, allow_format: bool) -> Result<TagsQuery, ApiError> {
     let raw = collect(query)?;
     let get = |name: &str| raw.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    if !allow_format && get("format").is_some() {
+    if !allow_format && get(FORMAT).is_some() {
         return Err(bad(
             "query parameter \"format\" is only for /tags/latest".into()
         ));
@@ -104,7 +104,7 @@ pub fn parse(app: &AppState, query: &str, allow_format: bool) -> Result<TagsQuer
         },
         selection: parse_selection(&get)?,
         explicit_sort: get("sort").is_some(),
-        format: match get("format") {
+        format: match get(FORMAT) {
             None | Some("json") => Format::Json,
             Some("text") => Format::Text,
             Some(other) => return Err(invalid("format", other, "json or text")),
@@ -127,9 +127,9 @@ fn collect(query: &str) -> Result<Vec<(String, String)>, ApiError> {
     }
     let mut pairs: Vec<(String, String)> = Vec::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        if !TagsParams::NAMES.contains(&k.as_ref()) {
+        if k != FORMAT && !TagsParams::NAMES.contains(&k.as_ref()) {
             return Err(bad(format!(
-                "unknown query parameter {:?}; supported: {}",
+                "unknown query parameter {:?}; supported: {}, and {FORMAT} for /tags/latest",
                 truncate(&k),
                 TagsParams::NAMES.join(", ")
             )));

@@ -66,7 +66,11 @@ pub async fn get_tags(
 #[utoipa::path(
     get,
     path = "/tags/latest",
-    params(TagsParams),
+    params(
+        TagsParams,
+        ("format" = Option<String>, Query,
+            description = "`json` (default, one tag object) or `text` (the tag name alone)."),
+    ),
     responses(
         (status = 200, description = "The best tag (JSON object, or its name with `format=text`)",
             body = Tag, content_type = "application/json"),

@@ -382,11 +382,22 @@ async fn openapi_document_describes_the_api() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    for name in [
+    let names = [
         "image", "registry", "sort", "order", "semver", "filter", "exclude", "arch", "limit",
-    ] {
-        assert!(params.contains(&name), "{name} in {params:?}");
-    }
+    ];
+    assert_eq!(params, names, "/tags takes these, and not format");
+    let latest: Vec<&str> = doc["paths"]["/tags/latest"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(latest[..names.len()], names);
+    assert_eq!(
+        latest[names.len()..],
+        ["format"],
+        "/tags/latest adds format"
+    );
     let image = doc["paths"]["/tags"]["get"]["parameters"]
         .as_array()
         .unwrap()
