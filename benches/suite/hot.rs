@@ -6,8 +6,8 @@
 //! and the proxy as deployed (default `info` logging, one line per request, to a file); the
 //! gzip pair: nginx `gzip_static` serving the proxy's own gzip bytes and the proxy answering
 //! `Accept-Encoding: gzip` (its cached gzip form); and two diagnostics: nginx with
-//! `sendfile off` (what the kernel copy of the body from user memory costs, which the proxy
-//! cannot avoid and nginx's sendfile does) and the proxy with `RUST_LOG=warn` (what the
+//! `sendfile off` (what nginx costs when it copies the body from user memory; the proxy sends
+//! its large cached answers with `sendfile` too, see `src/sendfile.rs`) and the proxy with `RUST_LOG=warn` (what the
 //! request log costs). Each ratio is computed per round, and its median quoted.
 //!
 //! Issue 4's answers for pollers run in the same rounds: the proxy answering
