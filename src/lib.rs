@@ -96,6 +96,7 @@ pub async fn serve(
     let upstream = Upstream::new(&settings, metrics.clone(), digests);
     let tags = TagCache::new(disk, shared.clone(), settings.memory_entries);
     if let Some(shared) = &shared {
+        shared.spawn_watchdog(&tracker, stop.clone());
         let (on_update, on_resync) = (tags.clone(), tags.clone());
         shared.spawn_listener(
             &tracker,

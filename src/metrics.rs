@@ -119,7 +119,7 @@ impl Metrics {
         );
         registry.register(
             "refresh_errors",
-            "Background refreshes that failed (the previous answer kept being served)",
+            "Upstream fetches that failed: background refreshes (the previous answer kept being served) and misses with no answer to fall back on",
             metrics.refresh_errors.clone(),
         );
         registry.register(

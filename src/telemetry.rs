@@ -7,7 +7,7 @@
 //! writes each line at once, and a busy one writes many lines per system call. It never drops
 //! a line: when the channel (128k lines) is full, the request waits.
 
-use std::io::BufWriter;
+use std::io::{BufWriter, IsTerminal};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
@@ -29,6 +29,8 @@ pub fn init() -> LogGuard {
         .finish(BufWriter::new(std::io::stderr()));
     match tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only on a terminal: a file or a log collector gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer)
         .try_init()
     {

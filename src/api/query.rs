@@ -152,7 +152,13 @@ fn invalid(name: &str, value: &str, expected: &str) -> ApiError {
 fn parse_selection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Selection, ApiError> {
     let pattern = |name: &str| -> Result<_, ApiError> {
         get(name)
-            .map(|p| compile_pattern(p).map_err(|e| bad(format!("invalid {name} pattern: {e}"))))
+            .map(|p| {
+                if p.is_empty() {
+                    // An empty pattern matches every name: `exclude=` would drop every tag.
+                    return Err(invalid(name, p, "a non-empty regular expression"));
+                }
+                compile_pattern(p).map_err(|e| bad(format!("invalid {name} pattern: {e}")))
+            })
             .transpose()
     };
     Ok(Selection {

@@ -115,7 +115,8 @@ async fn lookup(
 ) -> Result<(TagsQuery, Arc<CachedTags>, CacheStatus), ApiError> {
     let query = query::parse(app, raw.unwrap_or(""), latest).inspect_err(|e| {
         app.metrics.count_request("none", RequestStatus::error);
-        tracing::info!(status = 400, error = %e, "bad request");
+        // Debug-formatted: the message quotes what the client sent, which may hold newlines.
+        tracing::info!(status = 400, error = ?e.to_string(), "bad request");
     })?;
     let label = query.image.registry.label().to_owned();
     let budget = super::request_budget(&app.settings);

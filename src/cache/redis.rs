@@ -9,6 +9,13 @@
 //! is a miss (reads), a skipped write, or "lock unavailable" (the replica then works alone). The
 //! connection manager reconnects by itself; [`SharedTier::is_up`] reports the state for
 //! `/readyz` and metrics.
+//!
+//! While Redis is down, operations are not attempted at all: each attempt would cost a
+//! connection try, and a cold fetch makes one per digest, so a dead Redis would make fetches
+//! several times slower and push large ones past their request budget. A watchdog task
+//! (`PING` every [`PROBE_DOWN`] while down, every [`PROBE_UP`] while up) finds out when it is
+//! back, and the update listener marks it down as soon as its connection drops, so `/readyz`
+//! tells the truth without waiting for a request to use Redis.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +31,10 @@ use tokio_util::task::TaskTracker;
 const PREFIX: &str = "tag-proxy:v1";
 /// Time allowed for one Redis operation before it counts as a failure.
 const OP_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the watchdog pings Redis while it answers.
+const PROBE_UP: Duration = Duration::from_secs(2);
+/// How often the watchdog pings Redis while it is down (operations are skipped meanwhile).
+const PROBE_DOWN: Duration = Duration::from_millis(500);
 /// Tag lists and digests expire from Redis when nobody refreshed them for this long.
 const VALUE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -100,8 +111,52 @@ impl SharedTier {
         self.inner.up.load(Ordering::Relaxed)
     }
 
-    /// Runs one operation with the time limit, recording whether Redis answered.
+    /// Runs one operation with the time limit, recording whether Redis answered; skipped (a
+    /// `None` at once) while Redis is known to be down.
     async fn run<T>(
+        &self,
+        what: &str,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        if !self.is_up() {
+            return None;
+        }
+        self.attempt(what, op).await
+    }
+
+    /// Marks Redis down (the update listener lost its connection).
+    fn mark_down(&self, why: &str) {
+        if self.inner.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                reason = why,
+                "redis unavailable; serving from the other tiers"
+            );
+        }
+    }
+
+    /// Pings Redis every [`PROBE_UP`] while it answers and every [`PROBE_DOWN`] while it does
+    /// not: how a down Redis is found to be back, and an idle one found to be gone.
+    pub fn spawn_watchdog(&self, tracker: &TaskTracker, stop: CancellationToken) {
+        let tier = self.clone();
+        tracker.spawn(async move {
+            loop {
+                let pause = if tier.is_up() { PROBE_UP } else { PROBE_DOWN };
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                let mut conn = tier.inner.conn.clone();
+                let _ = tier
+                    .attempt("ping", async move {
+                        redis::cmd("PING").query_async::<String>(&mut conn).await
+                    })
+                    .await;
+            }
+        });
+    }
+
+    /// Runs one operation with the time limit, recording whether Redis answered.
+    async fn attempt<T>(
         &self,
         what: &str,
         op: impl Future<Output = redis::RedisResult<T>>,
@@ -247,6 +302,7 @@ impl SharedTier {
                     }
                     tracing::warn!("redis update channel lost; reconnecting");
                 }
+                tier.mark_down("no connection for updates");
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -333,6 +333,8 @@ async fn every_invalid_value_is_400() {
         ("semver=1", "\"semver\""),
         ("filter=(", "invalid filter pattern"),
         ("exclude=%5B", "invalid exclude pattern"),
+        ("exclude=", "\"exclude\""),
+        ("filter=", "\"filter\""),
         (&format!("filter={long}") as &str, "longer than 256"),
         ("filter=(%3F:a%7B1000%7D)%7B1000%7D", "too complex"),
         ("arch=ARM64", "\"arch\""),

@@ -135,6 +135,16 @@ async fn redis_outage_fails_no_request_and_recovers() {
     let app = replica(&hub, &redis, &[]).await;
     assert_eq!(app.get("/tags?image=acme/a").await.status(), 200);
     redis.stop().await;
+    // Noticed without a request that uses Redis (the update listener and the watchdog).
+    let mut ready = String::new();
+    for _ in 0..50 {
+        ready = text(&app, "/readyz").await;
+        if ready.contains("redis: DOWN") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready.contains("redis: DOWN"), "noticed while idle: {ready}");
 
     assert_eq!(
         app.get("/tags?image=acme/a").await.status(),
