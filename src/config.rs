@@ -30,7 +30,11 @@ pub const DEFAULT_ALLOWED_REGISTRIES: &[&str] = &[
 
 /// Answers which tags a container image has, from a cache that refreshes in the background.
 #[derive(Parser, Clone)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Subcommand: `oci-tag-proxy healthcheck [URL]` asks a running service for /healthz (default: the port from TAG_PROXY_PORT or TAG_PROXY_LISTEN, else 8080) and exits 0 when it answers 200, else 1: a container health check without a shell or curl."
+)]
 pub struct Cli {
     /// Port to listen on.
     #[arg(long, env = "TAG_PROXY_PORT", default_value_t = 8080)]
