@@ -32,6 +32,19 @@ fn pages(hub: &HubFake, repo: &str) -> usize {
     hub.requests().iter().filter(|r| r.path == path).count()
 }
 
+/// The body of `path` once it contains `needle`, or the last one after 5 s.
+async fn text_until(app: &App, path: &str, needle: &str) -> String {
+    let mut body = String::new();
+    for _ in 0..50 {
+        body = text(app, path).await;
+        if body.contains(needle) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    body
+}
+
 async fn text(app: &App, path: &str) -> String {
     app.get(path).await.text().await.unwrap()
 }
@@ -113,14 +126,7 @@ async fn a_fresh_answer_reaches_the_other_replicas() {
     );
     assert!(hub.wait_for_requests(2, Duration::from_secs(5)).await);
     // a's refresh is announced: b drops its old copy and reads the new one from Redis.
-    let mut seen = String::new();
-    for _ in 0..50 {
-        seen = text(&b, "/tags?image=acme/app").await;
-        if seen.contains("\"v2\"") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let seen = text_until(&b, "/tags?image=acme/app", "\"v2\"").await;
     assert!(seen.contains("\"v2\""), "{seen}");
     assert_eq!(hub.count(), 2, "b did not fetch it itself");
 }
@@ -136,14 +142,7 @@ async fn redis_outage_fails_no_request_and_recovers() {
     assert_eq!(app.get("/tags?image=acme/a").await.status(), 200);
     redis.stop().await;
     // Noticed without a request that uses Redis (the update listener and the watchdog).
-    let mut ready = String::new();
-    for _ in 0..50 {
-        ready = text(&app, "/readyz").await;
-        if ready.contains("redis: DOWN") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ready = text_until(&app, "/readyz", "redis: DOWN").await;
     assert!(ready.contains("redis: DOWN"), "noticed while idle: {ready}");
 
     assert_eq!(
